@@ -1,0 +1,352 @@
+"""One association, as the DIMSE service-user sees it (PS3.7 §7, PS3.8 §7).
+
+``Association`` sits on top of a ``ULTransport``: it receives the Upper
+Layer's indications and confirmations, assembles P-DATA into DIMSE messages
+(``dimse.messages``), and sends messages back as PDVs. Two kinds:
+
+- ``AcceptorAssociation``: made by the daemon for each incoming connection;
+  negotiates with the agent's policy and hands each request to the handler
+  the service registry names for it.
+- ``RequestorAssociation``: made by ``associate()`` for the SCU side; its
+  ``request()`` sends a request and waits for the response.
+
+References
+----------
+PS3.7 §7.1 (association establishment), §9.1 / §10.1 (DIMSE services);
+PS3.8 §7 (service primitives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import types
+
+from dicomagent.dimse.commands import MESSAGES, Message, encode_command
+from dicomagent.dimse.messages import DIMSEProtocolError, MessageAssembler, ReceivedMessage
+from dicomagent.dimse.status import UNRECOGNIZED_OPERATION
+from dicomagent.ul.codes import (AbortReason, RejectSource, reject_reason_text)
+from dicomagent.ul.connection import ULConnection
+from dicomagent.ul.negotiation import (PresentationContext, ProposedContext, accepted_contexts,
+                                       build_associate_rq, negotiate)
+from dicomagent.ul.primitives import (AAbortIndication, AAssociateConfirmation,
+                                      AAssociateIndication, AAssociateRequest, APAbortIndication,
+                                      AReleaseConfirmation, AReleaseIndication, PDataIndication)
+from dicomagent.ul.transport import ULTransport
+from dicomagent.uids import TRANSFER_SYNTAX_NAMES
+
+log = logging.getLogger("dicomagent.association")
+
+
+class AssociationError(Exception):
+    """The association could not be used: refused, rejected, aborted, timed out."""
+
+
+class AssociationRejected(AssociationError):
+    def __init__(self, rj):
+        self.rj = rj
+        source = RejectSource(rj.source).name.lower().replace("_", "-") \
+            if rj.source in RejectSource._value2member_map_ else f"source {rj.source}"
+        super().__init__(f"association rejected ({'permanent' if rj.result == 1 else 'transient'}"
+                         f", {source}): {reject_reason_text(rj.source, rj.reason)}")
+
+
+class AssociationAborted(AssociationError):
+    pass
+
+
+def _abort_text(primitive) -> str:
+    if isinstance(primitive, AAbortIndication):
+        return "aborted by the peer (A-ABORT, service-user)"
+    try:
+        reason = AbortReason(primitive.reason).name.lower().replace("_", "-")
+    except ValueError:
+        reason = f"reason {primitive.reason}"
+    return f"aborted ({reason}{': ' + primitive.detail if primitive.detail else ''})"
+
+
+class Association:
+    """What both sides share: message assembly, sending, release and abort."""
+
+    def __init__(self, requestor: bool, *, artim_timeout: float, idle_timeout: float | None,
+                 network_timeout: float | None, send_cap: int, provider_check=None):
+        self.connection = ULConnection(requestor, provider_check=provider_check,
+                                       send_cap=send_cap)
+        self.ul = ULTransport(self.connection, self, artim_timeout=artim_timeout,
+                              idle_timeout=idle_timeout, network_timeout=network_timeout)
+        self.assembler = MessageAssembler(self.open_sink)
+        self.contexts: dict[int, PresentationContext] = {}
+        self.calling_ae_title = ""
+        self.called_ae_title = ""
+        self._message_id = 0
+        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.end_reason = ""
+
+    # --- what subclasses refine --------------------------------------------------------
+
+    def open_sink(self, context_id: int, command: Message):
+        """The sink for the data set ``command`` announces (default: in memory)."""
+        from dicomagent.dimse.messages import MemorySink
+        return MemorySink()
+
+    def on_message(self, received: ReceivedMessage) -> None:
+        raise NotImplementedError
+
+    # --- primitives from the Upper Layer -------------------------------------------------
+
+    def on_primitive(self, primitive) -> None:
+        kind = type(primitive)
+        if kind is PDataIndication:
+            try:
+                received = self.assembler.receive(primitive)
+            except DIMSEProtocolError as error:
+                log.warning("%s: %s; aborting", self.describe(), error)
+                self.abort()
+                return
+            if received is not None:
+                self.on_message(received)
+        elif kind is AAssociateIndication:
+            self.on_associate_indication(primitive)
+        elif kind is AAssociateConfirmation:
+            self.on_associate_confirmation(primitive)
+        elif kind is AReleaseIndication:
+            self.on_release_indication(primitive)
+        elif kind is AReleaseConfirmation:
+            self._end("released")
+        elif kind in (AAbortIndication, APAbortIndication):
+            self.assembler.abandon()
+            text = _abort_text(primitive)
+            if isinstance(primitive, APAbortIndication) and primitive.reason:
+                log.warning("%s: %s", self.describe(), text)
+            self._end(text)
+
+    def on_associate_indication(self, indication) -> None:
+        raise NotImplementedError
+
+    def on_associate_confirmation(self, confirmation) -> None:
+        raise NotImplementedError
+
+    def on_release_indication(self, indication) -> None:
+        """A-RELEASE indication: answer at once; we release only between operations."""
+        self.connection.release_response()
+        self.ul.run()
+
+    def _end(self, reason: str) -> None:
+        if not self.ended.done():
+            self.end_reason = reason
+            self.ended.set_result(reason)
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def next_message_id(self) -> int:
+        self._message_id = (self._message_id % 0xFFFF) + 1
+        return self._message_id
+
+    def send_message(self, context_id: int, command: Message, data_set=None) -> None:
+        """Send a command set and, if given, a data set (bytes-like) on a context."""
+        connection = self.connection
+        connection.send_message_part(context_id, True, encode_command(command))
+        if data_set is not None:
+            connection.send_message_part(context_id, False, data_set)
+        self.ul.run()
+
+    def abort(self) -> None:
+        """A-ABORT request (service-user)."""
+        self.ul.abort()
+
+    def describe(self) -> str:
+        host, port = self.ul.peer[:2]
+        return f"{self.calling_ae_title or '?'}@{host}:{port}"
+
+    def context_for(self, abstract_syntax: str) -> PresentationContext:
+        for context in self.contexts.values():
+            if context.abstract_syntax == abstract_syntax:
+                return context
+        raise AssociationError(f"no accepted presentation context for {abstract_syntax}")
+
+
+def _response_for(request: Message, status: int) -> Message | None:
+    """A response of the request's own kind carrying only a status (PS3.7 C.5)."""
+    response_class = MESSAGES.get(request.COMMAND_FIELD | 0x8000)
+    if response_class is None or request.is_response:
+        return None
+    sop_class = getattr(request, "AffectedSOPClassUID", None) or \
+        getattr(request, "RequestedSOPClassUID", None)
+    return response_class(AffectedSOPClassUID=sop_class,
+                          MessageIDBeingRespondedTo=request.MessageID, Status=status)
+
+
+class AcceptorAssociation(Association):
+    """An association the agent accepted: negotiation and dispatch to services."""
+
+    def __init__(self, agent):
+        config = agent.config
+        super().__init__(False, artim_timeout=config.timeouts.artim,
+                         idle_timeout=config.timeouts.dimse,
+                         network_timeout=config.timeouts.network,
+                         send_cap=agent.send_cap, provider_check=agent.provider_check)
+        self.agent = agent
+        self._busy = 0
+
+    def idle_timed_out(self) -> bool:
+        """Abort an idle association only when no operation is in progress."""
+        return self._busy == 0 and self.assembler.idle
+
+    def on_associate_indication(self, indication: AAssociateIndication) -> None:
+        rq = indication.rq
+        self.calling_ae_title = rq.calling_ae_title
+        self.called_ae_title = rq.called_ae_title
+        response = negotiate(rq, self.agent.policy)
+        self.connection.associate_response(response)
+        if response.ac is not None:
+            self.contexts = accepted_contexts(rq, response.ac)
+            log.info("%s association accepted: %s -> %s, %s", self.describe(),
+                     rq.calling_ae_title, rq.called_ae_title, _describe_contexts(self.contexts)
+                     if self.agent.log_contexts else f"{len(self.contexts)} contexts")
+        else:
+            rj = response.rj
+            log.info("%s association rejected: %s -> %s: %s", self.describe(),
+                     rq.calling_ae_title, rq.called_ae_title,
+                     reject_reason_text(rj.source, rj.reason))
+        self.ul.run()
+
+    def on_message(self, received: ReceivedMessage) -> None:
+        command = received.command
+        context = self.contexts.get(received.context_id)
+        if context is None:
+            log.warning("%s: %s on presentation context %d, which was not accepted; aborting",
+                        self.describe(), command.NAME, received.context_id)
+            self.abort()
+            return
+        if command.is_response:
+            self.on_response(received)
+            return
+        handler = self.agent.handlers.get((type(command), context.abstract_syntax))
+        if handler is None:
+            log.warning("%s: %s not supported on context %d (%s): status 0x%04X",
+                        self.describe(), command.NAME, context.context_id,
+                        context.abstract_syntax, UNRECOGNIZED_OPERATION)
+            response = _response_for(command, UNRECOGNIZED_OPERATION)
+            if response is not None:
+                self.send_message(context.context_id, response)
+            return
+        result = handler(self, context, received)
+        if type(result) is types.CoroutineType:
+            self._busy += 1
+            task = asyncio.get_running_loop().create_task(result)
+            task.add_done_callback(self._operation_done)
+
+    def _operation_done(self, task: asyncio.Task) -> None:
+        self._busy -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: handler failed: %r", self.describe(), task.exception())
+
+    def on_response(self, received: ReceivedMessage) -> None:
+        log.warning("%s: unexpected %s; ignored", self.describe(), received.command.NAME)
+
+
+def _describe_contexts(contexts: dict[int, PresentationContext]) -> str:
+    parts = [f"{c.abstract_syntax}/{TRANSFER_SYNTAX_NAMES.get(c.transfer_syntax, c.transfer_syntax)}"
+             for c in contexts.values()]
+    return ", ".join(parts) if parts else "no accepted contexts"
+
+
+class RequestorAssociation(Association):
+    """The SCU side: ``associate()`` makes one, ``request()`` uses it."""
+
+    def __init__(self, *, artim_timeout: float = 30.0, dimse_timeout: float | None = 60.0,
+                 network_timeout: float | None = 30.0, send_cap: int = 1 << 20):
+        super().__init__(True, artim_timeout=artim_timeout, idle_timeout=None,
+                         network_timeout=network_timeout, send_cap=send_cap)
+        self.dimse_timeout = dimse_timeout
+        self.network_timeout = network_timeout
+        loop = asyncio.get_running_loop()
+        self.established: asyncio.Future = loop.create_future()
+        self._responses: asyncio.Queue = asyncio.Queue()
+        self.ac = None
+
+    def on_associate_confirmation(self, confirmation: AAssociateConfirmation) -> None:
+        if not self.established.done():
+            self.established.set_result(confirmation)
+
+    def on_message(self, received: ReceivedMessage) -> None:
+        self._responses.put_nowait(received)
+
+    def _end(self, reason: str) -> None:
+        super()._end(reason)
+        if not self.established.done():
+            self.established.set_exception(AssociationAborted(reason))
+        self._responses.put_nowait(None)
+
+    async def next_message(self, timeout: float | None = None) -> ReceivedMessage:
+        """The next message from the peer, or ``AssociationError`` if it ended."""
+        timeout = self.dimse_timeout if timeout is None else timeout
+        try:
+            received = await asyncio.wait_for(self._responses.get(), timeout)
+        except asyncio.TimeoutError:
+            self.abort()
+            raise AssociationError(f"no response within {timeout:g} s (DIMSE timeout)") from None
+        if received is None:
+            self._responses.put_nowait(None)
+            raise AssociationAborted(self.end_reason or "association ended")
+        return received
+
+    async def request(self, context_id: int, command: Message, data_set=None) -> ReceivedMessage:
+        """Send a request and return its (final) response."""
+        self.send_message(context_id, command, data_set)
+        while True:
+            received = await self.next_message()
+            if getattr(received.command, "MessageIDBeingRespondedTo", None) == command.MessageID:
+                return received
+
+    async def release(self) -> None:
+        """A-RELEASE request; waits for the confirmation (or the end of the association)."""
+        if self.ended.done():
+            return
+        self.connection.release_request()
+        self.ul.run()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.ended), self.ul.artim_timeout)
+        except asyncio.TimeoutError:
+            self.abort()
+        await self.ul.closed
+
+
+async def associate(host: str, port: int, calling_ae_title: str, called_ae_title: str,
+                    contexts: list[ProposedContext], *, maximum_length_received: int = 0,
+                    artim_timeout: float = 30.0, dimse_timeout: float | None = 60.0,
+                    network_timeout: float | None = 30.0) -> RequestorAssociation:
+    """Open an association as requestor (PS3.8 §7.1: A-ASSOCIATE request).
+
+    Raises ``AssociationError`` (refused, unreachable, timed out, aborted) or
+    ``AssociationRejected``.
+    """
+    association = RequestorAssociation(artim_timeout=artim_timeout, dimse_timeout=dimse_timeout,
+                                       network_timeout=network_timeout)
+    rq = build_associate_rq(calling_ae_title, called_ae_title, contexts, maximum_length_received)
+    association.calling_ae_title = calling_ae_title
+    association.called_ae_title = called_ae_title
+    association.connection.associate_request(AAssociateRequest(rq))      # Evt1: AE-1
+    association.connection.take_outputs()                                # OPEN_TRANSPORT: below
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.create_connection(lambda: association.ul, host, port),
+                               network_timeout)
+    except asyncio.TimeoutError:
+        raise AssociationError(f"no TCP connection to {host}:{port} within "
+                               f"{network_timeout:g} s") from None
+    except OSError as error:
+        raise AssociationError(f"cannot connect to {host}:{port}: "
+                               f"{error.strerror or error}") from None
+    try:
+        confirmation = await asyncio.wait_for(asyncio.shield(association.established),
+                                              artim_timeout)
+    except asyncio.TimeoutError:
+        association.abort()
+        raise AssociationError(f"no answer to A-ASSOCIATE-RQ within {artim_timeout:g} s") from None
+    if confirmation.rj is not None:
+        await association.ul.closed
+        raise AssociationRejected(confirmation.rj)
+    association.ac = confirmation.ac
+    association.contexts = accepted_contexts(rq, confirmation.ac)
+    return association

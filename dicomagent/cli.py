@@ -1,0 +1,176 @@
+"""The ``dicomagent`` command.
+
+Subcommands: ``serve`` (the daemon) and ``echo`` (Verification SCU). Flags
+follow DCMTK's tools where DICOM people already know them: ``HOST PORT``
+positionals, ``-aet`` / ``-aec`` as aliases of ``--aet`` / ``--aec``.
+
+Exit codes: 0 success; 1 the peer answered with a failure status; 2 usage or
+configuration error; 3 no connection (refused, unreachable, timed out);
+4 association rejected; 5 association aborted or no response in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from dicomagent import __version__
+from dicomagent.config import ConfigError, load_config, validate
+from dicomagent.uids import (EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN,
+                             IMPLICIT_VR_LITTLE_ENDIAN, UNCOMPRESSED_TRANSFER_SYNTAXES)
+
+EXIT_OK, EXIT_FAILURE_STATUS, EXIT_USAGE, EXIT_NO_CONNECTION, EXIT_REJECTED, EXIT_ABORTED = range(6)
+
+TRANSFER_SYNTAX_FLAGS = {
+    "implicit": IMPLICIT_VR_LITTLE_ENDIAN,
+    "explicit": EXPLICIT_VR_LITTLE_ENDIAN,
+    "big": EXPLICIT_VR_BIG_ENDIAN,
+}
+
+
+def _add_local_options(parser: argparse.ArgumentParser) -> None:
+    """``-c CONFIG`` and ``--data-dir DIR``: shared by every subcommand that works locally."""
+    parser.add_argument("-c", "--config", metavar="CONFIG.toml",
+                        help="TOML configuration file (default: embedded defaults)")
+    parser.add_argument("--data-dir", metavar="DIR", help="data directory (overrides agent.data_dir)")
+
+
+def _add_scu_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("host", help="peer host name or address")
+    parser.add_argument("port", type=int, help="peer TCP port")
+    parser.add_argument("--aet", "-aet", default="DICOMAGENT", metavar="AET",
+                        help="calling AE title (default DICOMAGENT)")
+    parser.add_argument("--aec", "-aec", default="ANY-SCP", metavar="AET",
+                        help="called AE title (default ANY-SCP)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="connect, association and response timeout (default 30)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicomagent", description="A DICOM network node: daemon and SCU tools.")
+    parser.add_argument("--version", action="version", version=f"dicomagent {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-v info, -vv debug)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    _add_local_options(serve)
+    serve.add_argument("--aet", "-aet", metavar="AET", help="our AE title (agent.ae_title)")
+    serve.add_argument("--host", help="address to listen on (agent.host)")
+    serve.add_argument("--port", type=int, help="TCP port (agent.port)")
+
+    echo = commands.add_parser("echo", help="Verification SCU: send C-ECHO")
+    _add_scu_options(echo)
+    echo.add_argument("--ts", action="append", choices=sorted(TRANSFER_SYNTAX_FLAGS),
+                      help="propose only this transfer syntax (repeatable; default all three)")
+    echo.add_argument("--repeat", type=int, default=1, metavar="N",
+                      help="send N C-ECHO requests on the association")
+    return parser
+
+
+def _setup_logging(verbosity: int, default=logging.INFO) -> None:
+    level = default if verbosity == 0 else (logging.INFO if verbosity == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def load_with_overrides(args) -> "Config":
+    config = load_config(args.config)
+    agent = config.agent
+    if getattr(args, "data_dir", None):
+        agent.data_dir = args.data_dir
+    if getattr(args, "aet", None):
+        agent.ae_title = args.aet
+    if getattr(args, "host", None):
+        agent.host = args.host
+    if getattr(args, "port", None) is not None:
+        agent.port = args.port
+    return validate(config)
+
+
+def _run(coroutine):
+    import uvloop
+    return uvloop.run(coroutine)
+
+
+def cmd_serve(args) -> int:
+    from dicomagent.server import Agent
+    try:
+        config = load_with_overrides(args)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args.verbose)
+
+    async def main():
+        await Agent(config).serve_forever()
+
+    try:
+        _run(main())
+    except OSError as error:
+        logging.getLogger("dicomagent").error("cannot listen on %s:%d: %s", config.agent.host,
+                                              config.agent.port, error.strerror or error)
+        return EXIT_NO_CONNECTION
+    return EXIT_OK
+
+
+def cmd_echo(args) -> int:
+    from dicomagent.association import (AssociationAborted, AssociationError,
+                                        AssociationRejected, associate)
+    from dicomagent.services.verification import echo
+    from dicomagent.ul.negotiation import ProposedContext
+    from dicomagent.uids import VERIFICATION
+
+    _setup_logging(args.verbose, logging.WARNING)
+    syntaxes = tuple(TRANSFER_SYNTAX_FLAGS[name] for name in args.ts) if args.ts \
+        else UNCOMPRESSED_TRANSFER_SYNTAXES
+
+    async def main() -> int:
+        try:
+            association = await associate(
+                args.host, args.port, args.aet, args.aec,
+                [ProposedContext(VERIFICATION, syntaxes)],
+                artim_timeout=args.timeout, dimse_timeout=args.timeout,
+                network_timeout=args.timeout)
+        except AssociationRejected as error:
+            print(f"dicomagent echo: {error}", file=sys.stderr)
+            return EXIT_REJECTED
+        except AssociationAborted as error:
+            print(f"dicomagent echo: {error}", file=sys.stderr)
+            return EXIT_ABORTED
+        except AssociationError as error:
+            print(f"dicomagent echo: {error}", file=sys.stderr)
+            return EXIT_NO_CONNECTION
+        try:
+            if not association.contexts:
+                print("dicomagent echo: the peer accepted no Verification presentation context",
+                      file=sys.stderr)
+                await association.release()
+                return EXIT_REJECTED
+            for _ in range(args.repeat):
+                status = await echo(association)
+                if status != 0:
+                    print(f"dicomagent echo: C-ECHO-RSP status 0x{status:04X}", file=sys.stderr)
+                    await association.release()
+                    return EXIT_FAILURE_STATUS
+            await association.release()
+        except AssociationError as error:
+            print(f"dicomagent echo: {error}", file=sys.stderr)
+            return EXIT_ABORTED
+        context = next(iter(association.contexts.values()))
+        print(f"C-ECHO to {args.aec}@{args.host}:{args.port}: success "
+              f"(transfer syntax {context.transfer_syntax})")
+        return EXIT_OK
+
+    return _run(main())
+
+
+COMMANDS = {"serve": cmd_serve, "echo": cmd_echo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)

@@ -1,0 +1,185 @@
+"""The agent's configuration: embedded defaults, one TOML file, command-line overrides.
+
+Every key is declared once, in the dataclasses below, with its type and
+default; ``load_config`` checks a TOML file against them and names the key of
+any mistake (``agent.timeouts.artim: expected a number, got 'x'``).
+
+Example::
+
+    [agent]
+    ae_title = "DICOMAGENT"
+    port = 11112
+
+    [peers.pacs]
+    ae_title = "PACS"
+    host = "10.0.0.5"
+    port = 104
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
+
+
+class ConfigError(Exception):
+    """A configuration mistake; the message names the key."""
+
+
+@dataclass
+class Timeouts:
+    #: PS3.8 §9.1.5 ARTIM timer: waiting for A-ASSOCIATE-RQ, and for the peer to close.
+    artim: float = 30.0
+    #: Waiting for the next DIMSE message (acceptor: idle association; requestor: a response).
+    dimse: float = 600.0
+    #: TCP connect, and a PDU that stalls half way.
+    network: float = 30.0
+
+
+@dataclass
+class AgentSettings:
+    ae_title: str = "DICOMAGENT"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: str = "./dicomagent-data"
+    #: Simultaneous associations; 0 = no limit (seed 3.1.1.2).
+    max_associations: int = 0
+    #: Maximum Length Received we advertise; 0 = unlimited (seed 3.1.1.1).
+    max_pdu_length: int = 0
+    #: Largest P-DATA-TF PDU we send to a peer that advertises 0 (no limit).
+    max_pdu_send_length: int = 1 << 20
+    #: Acceptor's transfer syntax preference (seed Table 12 order by default).
+    transfer_syntax_order: list[str] = field(
+        default_factory=lambda: list(UNCOMPRESSED_TRANSFER_SYNTAXES))
+    #: Reject an A-ASSOCIATE-RQ whose Called-AE-title is not ours.
+    check_called_aet: bool = False
+    #: Reject a Calling-AE-title that is not the ae_title of a [peers.NAME] entry.
+    require_known_calling_aet: bool = False
+    #: Log the accepted presentation contexts of every association.
+    log_contexts: bool = True
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass
+class Config:
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    peers: dict[str, Peer] = field(default_factory=dict)
+
+    # Shortcuts used everywhere.
+    @property
+    def timeouts(self) -> Timeouts:
+        return self.agent.timeouts
+
+    def peer_by_ae_title(self, ae_title: str) -> Peer | None:
+        for peer in self.peers.values():
+            if peer.ae_title == ae_title:
+                return peer
+        return None
+
+
+def _check_ae_title(value: str, key: str) -> str:
+    if not 0 < len(value.strip()) <= 16 or "\\" in value or not value.isascii() \
+            or any(ord(c) < 32 for c in value):
+        raise ConfigError(f"{key}: an AE title is 1 to 16 ASCII characters without '\\': {value!r}")
+    return value.strip()
+
+
+def _convert(value, hint, key: str):
+    """Check one TOML value against a dataclass field's type."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(item, item_hint, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        _, item_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {name: _convert(item, item_hint, f"{key}.{name}") for name, item in value.items()}
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _build(cls, table, prefix: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix}: expected a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in known:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+        values[name] = _convert(value, hints[name], key)
+    for name, f in known.items():
+        if name not in values and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}.{name}: required")
+    return cls(**values)
+
+
+def validate(config: Config) -> Config:
+    """Checks across keys, after files and command-line overrides are applied."""
+    agent = config.agent
+    agent.ae_title = _check_ae_title(agent.ae_title, "agent.ae_title")
+    if not 0 < agent.port < 65536:
+        raise ConfigError(f"agent.port: must be 1 to 65535, got {agent.port}")
+    if agent.max_pdu_length and agent.max_pdu_length < 4096:
+        raise ConfigError("agent.max_pdu_length: 0 (unlimited) or at least 4096")
+    if agent.max_pdu_send_length < 4096:
+        raise ConfigError("agent.max_pdu_send_length: at least 4096")
+    if not agent.transfer_syntax_order:
+        raise ConfigError("agent.transfer_syntax_order: must name at least one transfer syntax")
+    for name, peer in config.peers.items():
+        peer.ae_title = _check_ae_title(peer.ae_title, f"peers.{name}.ae_title")
+        if not 0 < peer.port < 65536:
+            raise ConfigError(f"peers.{name}.port: must be 1 to 65535, got {peer.port}")
+    return config
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """The embedded defaults, overlaid with the TOML file at ``path`` if given."""
+    if path is None:
+        return validate(Config())
+    try:
+        with open(path, "rb") as handle:
+            table = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"{path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return validate(_build(Config, table, ""))

@@ -1,0 +1,116 @@
+"""The daemon: listen, accept associations, serve them, stop cleanly.
+
+``Agent`` holds what every association of the daemon shares: the
+configuration, the negotiation policy and the dispatch table built from the
+service registry, and the set of live associations (for the
+``max_associations`` limit and for a clean shutdown).
+
+References
+----------
+PS3.8 §7.1 (association establishment), Table 9-21 (local-limit-exceeded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from dicomagent import services
+from dicomagent.association import AcceptorAssociation
+from dicomagent.config import Config
+from dicomagent.ul.codes import RejectReason, RejectResult, RejectSource
+from dicomagent.ul.negotiation import AcceptorPolicy
+from dicomagent.ul.pdu import A_ASSOCIATE_RJ
+from dicomagent.ul.states import State
+
+log = logging.getLogger("dicomagent")
+
+#: States in which an association counts against ``max_associations``.
+_HOLDING_A_SLOT = {State.Sta3, State.Sta6, State.Sta7, State.Sta8, State.Sta9, State.Sta10,
+                   State.Sta11, State.Sta12}
+
+
+class Agent:
+    """The association-acceptor of ``dicomagent serve``."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        agent = config.agent
+        self.services = services.registry()
+        self.handlers = services.dispatch_table(self.services)
+        known = None
+        if agent.require_known_calling_aet:
+            known = frozenset(peer.ae_title for peer in config.peers.values())
+        self.policy = AcceptorPolicy(
+            ae_title=agent.ae_title,
+            abstract_syntaxes=services.acceptor_abstract_syntaxes(self.services),
+            transfer_syntax_order=tuple(agent.transfer_syntax_order),
+            check_called_aet=agent.check_called_aet,
+            known_calling_aets=known,
+            maximum_length_received=agent.max_pdu_length)
+        self.send_cap = agent.max_pdu_send_length
+        self.log_contexts = agent.log_contexts
+        self.associations: set[AcceptorAssociation] = set()
+        self.server: asyncio.base_events.Server | None = None
+        self._stopping: asyncio.Event | None = None
+
+    def provider_check(self, rq) -> A_ASSOCIATE_RJ | None:
+        """AE-6: refuse at the service-provider level when no association slot is left."""
+        limit = self.config.agent.max_associations
+        if limit and sum(1 for a in self.associations
+                         if a.connection.state in _HOLDING_A_SLOT) >= limit:
+            log.warning("association from %s refused: %d associations already open "
+                        "(max_associations)", rq.calling_ae_title, limit)
+            return A_ASSOCIATE_RJ(RejectResult.REJECTED_TRANSIENT,
+                                  RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                                  RejectReason.LOCAL_LIMIT_EXCEEDED)
+        return None
+
+    def _new_connection(self):
+        association = AcceptorAssociation(self)
+        self.associations.add(association)
+        association.ul.closed.add_done_callback(lambda _: self.associations.discard(association))
+        return association.ul
+
+    async def start(self) -> None:
+        """Listen on the configured address (returns once listening)."""
+        agent = self.config.agent
+        os.makedirs(agent.data_dir, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._new_connection, agent.host, agent.port,
+                                               reuse_address=True, backlog=512)
+        log.info("listening on %s:%d as %s (data dir %s)", agent.host, self.port,
+                 agent.ae_title, agent.data_dir)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0 in tests)."""
+        return self.server.sockets[0].getsockname()[1] if self.server else self.config.agent.port
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting; let in-flight associations finish (up to ``grace`` s), then abort."""
+        if self.server is not None:
+            self.server.close()
+        pending = [a.ul.closed for a in self.associations]
+        if pending:
+            log.info("waiting for %d association(s) to finish", len(pending))
+            done, _ = await asyncio.wait(pending, timeout=grace)
+            for association in list(self.associations):
+                if not association.ul.closed.done():
+                    association.abort()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop cleanly."""
+        await self.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        log.info("stopping: no new associations")
+        await self.stop()
+        log.info("stopped")
