@@ -196,10 +196,10 @@ class AcceptorAssociation(Association):
         rq = indication.rq
         self.calling_ae_title = rq.calling_ae_title
         self.called_ae_title = rq.called_ae_title
-        response = negotiate(rq, self.agent.policy)
+        response, contexts = self.agent.negotiate(rq)
         self.connection.associate_response(response)
         if response.ac is not None:
-            self.contexts = accepted_contexts(rq, response.ac)
+            self.contexts = contexts
             log.info("%s association accepted: %s -> %s, %s", self.describe(),
                      rq.calling_ae_title, rq.called_ae_title, _describe_contexts(self.contexts)
                      if self.agent.log_contexts else f"{len(self.contexts)} contexts")

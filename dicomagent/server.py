@@ -21,7 +21,7 @@ from dicomagent import services
 from dicomagent.association import AcceptorAssociation
 from dicomagent.config import Config
 from dicomagent.ul.codes import RejectReason, RejectResult, RejectSource
-from dicomagent.ul.negotiation import AcceptorPolicy
+from dicomagent.ul.negotiation import AcceptorPolicy, accepted_contexts, negotiate
 from dicomagent.ul.pdu import A_ASSOCIATE_RJ
 from dicomagent.ul.states import State
 
@@ -50,11 +50,28 @@ class Agent:
             check_called_aet=agent.check_called_aet,
             known_calling_aets=known,
             maximum_length_received=agent.max_pdu_length)
+        self._negotiated: dict = {}
         self.send_cap = agent.max_pdu_send_length
         self.log_contexts = agent.log_contexts
         self.associations: set[AcceptorAssociation] = set()
         self.server: asyncio.base_events.Server | None = None
         self._stopping: asyncio.Event | None = None
+
+    def negotiate(self, rq):
+        """``negotiate`` with the agent's policy, and the contexts it accepts.
+
+        A pure function of the request, so results for recent requests are
+        kept: modalities repeat the same A-ASSOCIATE-RQ on every connection.
+        """
+        result = self._negotiated.get(rq)
+        if result is None:
+            response = negotiate(rq, self.policy)
+            contexts = accepted_contexts(rq, response.ac) if response.ac is not None else {}
+            result = (response, contexts)
+            if len(self._negotiated) >= 256:
+                self._negotiated.clear()
+            self._negotiated[rq] = result
+        return result
 
     def provider_check(self, rq) -> A_ASSOCIATE_RJ | None:
         """AE-6: refuse at the service-provider level when no association slot is left."""

@@ -20,6 +20,7 @@ PS3.8 §9.1 (service definition), §9.2 (state machine), Annex E (PDVs).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from dicomagent.ul.codes import (AbortReason, LocalProtocolError, PDUDecodeError, RejectResult,
@@ -74,6 +75,13 @@ PDU_EVENTS = {
 #: cut P-DATA-TF PDUs at this size. Local extension: PS3.8 Annex D.1 lets us
 #: send any length; a bounded PDU keeps the peer's buffers bounded too.
 DEFAULT_UNLIMITED_SEND_CAP = 1 << 20
+
+
+@functools.lru_cache(maxsize=512)
+def _encode(pdu) -> bytes:
+    """Encode a control PDU; PDUs are immutable, and the same A-ASSOCIATE-AC or
+    A-RELEASE-RP is sent again and again, so the bytes are kept."""
+    return pdu.encode()
 
 
 def default_provider_check(rq: A_ASSOCIATE_RQ) -> A_ASSOCIATE_RJ | None:
@@ -135,7 +143,7 @@ class ULConnection:
         return outputs
 
     def send(self, pdu) -> None:
-        self._outputs.append(Send((pdu.encode(),)))
+        self._outputs.append(Send((_encode(pdu),)))
 
     def send_buffers(self, buffers) -> None:
         self._outputs.append(Send(buffers))

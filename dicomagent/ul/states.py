@@ -50,3 +50,9 @@ class Event(Enum):
     Evt17 = "Transport connection closed indication (local transport service)"
     Evt18 = "ARTIM timer expired (Association reject/release timer)"
     Evt19 = "Unrecognized or invalid PDU received"
+
+
+# Members are singletons compared by identity, so identity hashing is exact; it
+# replaces Enum.__hash__ (a Python-level function) on the table look-up path.
+State.__hash__ = object.__hash__
+Event.__hash__ = object.__hash__

@@ -28,7 +28,7 @@ Control Header).
 from __future__ import annotations
 
 from dicomagent.ul.codes import AbortReason, PDUDecodeError, PDUType
-from dicomagent.ul.pdu import CONTROL_PDUS, MAX_CONTROL_PDU_LENGTH, PDU_HEADER, PDV_HEADER
+from dicomagent.ul.pdu import A_ASSOCIATE_RQ, CONTROL_PDUS, MAX_CONTROL_PDU_LENGTH, PDU_HEADER, PDV_HEADER
 
 # What the reader waits for next.
 _PDU_HEADER = 0        # the 6-byte PDU header
@@ -36,6 +36,24 @@ _CONTROL_BODY = 1      # the rest of a control PDU
 _PDV_HEADER = 2        # a 6-byte PDV item header (Item-length, context ID, control header)
 _PDV_VALUE = 3         # the rest of a PDV's value
 _FAILED = 4            # framing lost: discard everything
+
+
+def _decode_associate_rq(data: bytes):
+    """Decode an A-ASSOCIATE-RQ, remembering recent ones.
+
+    A modality sends the same A-ASSOCIATE-RQ, byte for byte, every time it
+    connects; the decoded PDU is immutable, so it is decoded once.
+    """
+    pdu = _RECENT_RQ.get(data)
+    if pdu is None:
+        pdu = A_ASSOCIATE_RQ.decode(memoryview(data))
+        if len(_RECENT_RQ) >= 256:
+            _RECENT_RQ.clear()
+        _RECENT_RQ[data] = pdu
+    return pdu
+
+
+_RECENT_RQ: dict[bytes, object] = {}
 
 
 class PDUReader:
@@ -138,7 +156,10 @@ class PDUReader:
             self._on_control_body(block)
 
     def _on_control_body(self, block) -> None:
-        pdu = CONTROL_PDUS[self._pdu_type].decode(memoryview(block))
+        if self._pdu_type == PDUType.A_ASSOCIATE_RQ:
+            pdu = _decode_associate_rq(bytes(block))
+        else:
+            pdu = CONTROL_PDUS[self._pdu_type].decode(memoryview(block))
         self._phase = _PDU_HEADER
         self._needed = 6
         self._owner.on_pdu(pdu)
