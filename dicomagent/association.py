@@ -188,6 +188,15 @@ class AcceptorAssociation(Association):
         self.agent = agent
         self._busy = 0
 
+    def open_sink(self, context_id: int, command: Message):
+        """The service's own sink where it declares one (C-STORE: a file), else memory."""
+        context = self.contexts.get(context_id)
+        if context is not None:
+            opener = self.agent.sinks.get((type(command), context.abstract_syntax))
+            if opener is not None:
+                return opener(self, context, command)
+        return super().open_sink(context_id, command)
+
     def idle_timed_out(self) -> bool:
         """Abort an idle association only when no operation is in progress."""
         return self._busy == 0 and self.assembler.idle
@@ -246,9 +255,20 @@ class AcceptorAssociation(Association):
 
 
 def _describe_contexts(contexts: dict[int, PresentationContext]) -> str:
-    parts = [f"{c.abstract_syntax}/{TRANSFER_SYNTAX_NAMES.get(c.transfer_syntax, c.transfer_syntax)}"
-             for c in contexts.values()]
-    return ", ".join(parts) if parts else "no accepted contexts"
+    """The accepted contexts in a few words: each one when few, a summary when many."""
+    if not contexts:
+        return "no accepted contexts"
+
+    def name(ts: str) -> str:
+        return TRANSFER_SYNTAX_NAMES.get(ts, ts)
+
+    if len(contexts) <= 4:
+        return ", ".join(f"{c.abstract_syntax} ({name(c.transfer_syntax)})"
+                         for c in contexts.values())
+    syntaxes = sorted({name(c.transfer_syntax) for c in contexts.values()})
+    abstract = len({c.abstract_syntax for c in contexts.values()})
+    return (f"{len(contexts)} contexts accepted for {abstract} SOP classes "
+            f"({', '.join(syntaxes)})")
 
 
 class RequestorAssociation(Association):

@@ -66,6 +66,22 @@ class AgentSettings:
 
 
 @dataclass
+class StorageConfig:
+    #: fsync each stored file and its directory before C-STORE-RSP success.
+    fsync: bool = True
+    #: Refuse data sets (A700) when the data dir's file system has less free space (MiB).
+    min_free_mb: int = 100
+    #: A SOP Instance UID already stored: "keep" the first copy or "replace" it.
+    on_duplicate: str = "keep"
+    #: Store a data set whose SOP Class/Instance UID differ from the command, with B007.
+    accept_mismatch: bool = False
+    #: Accept every Storage SOP Class, not only the seed's Table 2.
+    accept_all_storage_classes: bool = False
+    #: Accept compressed transfer syntaxes too (stored as received).
+    accept_compressed: bool = False
+
+
+@dataclass
 class Peer:
     ae_title: str
     host: str
@@ -75,6 +91,7 @@ class Peer:
 @dataclass
 class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     peers: dict[str, Peer] = field(default_factory=dict)
 
     # Shortcuts used everywhere.
@@ -164,6 +181,9 @@ def validate(config: Config) -> Config:
         raise ConfigError("agent.max_pdu_send_length: at least 4096")
     if not agent.transfer_syntax_order:
         raise ConfigError("agent.transfer_syntax_order: must name at least one transfer syntax")
+    if config.storage.on_duplicate not in ("keep", "replace"):
+        raise ConfigError(f"storage.on_duplicate: \"keep\" or \"replace\", "
+                          f"not {config.storage.on_duplicate!r}")
     for name, peer in config.peers.items():
         peer.ae_title = _check_ae_title(peer.ae_title, f"peers.{name}.ae_title")
         if not 0 < peer.port < 65536:

@@ -18,6 +18,7 @@ import os
 import signal
 
 from dicomagent import services
+from dicomagent.archive import Archive, StorageSettings
 from dicomagent.association import AcceptorAssociation
 from dicomagent.config import Config
 from dicomagent.ul.codes import RejectReason, RejectResult, RejectSource
@@ -38,8 +39,13 @@ class Agent:
     def __init__(self, config: Config):
         self.config = config
         agent = config.agent
-        self.services = services.registry()
+        self.services = services.registry(config)
         self.handlers = services.dispatch_table(self.services)
+        self.sinks = services.dispatch_table(self.services, "sinks")
+        storage = config.storage
+        self.archive = Archive(agent.data_dir, StorageSettings(
+            fsync=storage.fsync, min_free_mb=storage.min_free_mb,
+            on_duplicate=storage.on_duplicate, accept_mismatch=storage.accept_mismatch))
         known = None
         if agent.require_known_calling_aet:
             known = frozenset(peer.ae_title for peer in config.peers.values())
@@ -119,6 +125,7 @@ class Agent:
                     association.abort()
         if self.server is not None:
             await self.server.wait_closed()
+        self.archive.close()
 
     async def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then stop cleanly."""

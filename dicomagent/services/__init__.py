@@ -19,9 +19,12 @@ class ServiceClass:
     """What one PS3.4 service class module declares.
 
     ``sop_classes``: UID -> name. ``scp`` / ``scu``: the roles the agent takes
-    for them as acceptor (PS3.7 D.3.3.4). ``handlers``: request message class
-    -> ``handler(association, context, received)``; a handler sends its
-    response(s) with ``association.send_message`` and may be a coroutine.
+    for them as acceptor (PS3.7 D.3.3.4). ``transfer_syntaxes``: the ones
+    accepted (empty: the agent's ``transfer_syntax_order``). ``handlers``:
+    request message class -> ``handler(association, context, received)``; a
+    handler sends its response(s) with ``association.send_message`` and may be
+    a coroutine. ``sinks``: request message class -> ``open_sink(association,
+    context, command)``, where a data set must not be collected in memory.
     """
 
     name: str
@@ -29,31 +32,34 @@ class ServiceClass:
     sop_classes: dict[str, str]
     scp: bool = True
     scu: bool = False
+    transfer_syntaxes: tuple[str, ...] = ()
     handlers: dict = field(default_factory=dict)
+    sinks: dict = field(default_factory=dict)
 
 
-def registry() -> list[ServiceClass]:
+def registry(config=None) -> list[ServiceClass]:
     """Every service class the agent serves, in conformance-statement order."""
-    from dicomagent.services import verification
-    return [verification.SERVICE]
+    from dicomagent.config import Config
+    from dicomagent.services import storage, verification
+    config = config or Config()
+    return [verification.SERVICE, storage.service(config.storage)]
 
 
-def acceptor_abstract_syntaxes(services: list[ServiceClass],
-                               transfer_syntaxes: tuple[str, ...] = ()) -> dict[str, AbstractSyntaxSupport]:
+def acceptor_abstract_syntaxes(services: list[ServiceClass]) -> dict[str, AbstractSyntaxSupport]:
     """The acceptor's negotiation table, derived from the service declarations."""
     table = {}
     for service in services:
         for uid in service.sop_classes:
             table[uid] = AbstractSyntaxSupport(scp=service.scp, scu=service.scu,
-                                               transfer_syntaxes=transfer_syntaxes)
+                                               transfer_syntaxes=service.transfer_syntaxes)
     return table
 
 
-def dispatch_table(services: list[ServiceClass]) -> dict[tuple[type, str], object]:
-    """(request message class, abstract syntax) -> handler."""
+def dispatch_table(services: list[ServiceClass], kind: str = "handlers") -> dict[tuple[type, str], object]:
+    """(request message class, abstract syntax) -> handler (or sink opener, kind="sinks")."""
     table = {}
     for service in services:
         for uid in service.sop_classes:
-            for message_class, handler in service.handlers.items():
-                table[(message_class, uid)] = handler
+            for message_class, function in getattr(service, kind).items():
+                table[(message_class, uid)] = function
     return table

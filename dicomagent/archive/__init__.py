@@ -1,0 +1,390 @@
+"""The archive: stored objects on disk and their index.
+
+Layout under the data dir::
+
+    archive/<Study UID>/<Series UID>/<SOP Instance UID>.dcm   the objects (Part 10 files)
+    tmp/                                                     data sets being received
+    index.sqlite                                             the index (SQLite, WAL)
+
+A path is made from UIDs only after checking that they are UIDs (digits and
+dots, at most 64 characters); anything else is replaced by a hash, so nothing
+a peer sends can name a path.
+
+Durability, in the order the worker does it for each stored object:
+
+1. the temporary file is flushed (``fsync``, when ``storage.fsync`` is on);
+2. the index row, which names the final path, is committed;
+3. the file is renamed into place and its directory flushed;
+4. only then is the C-STORE-RSP sent.
+
+A crash before 2 leaves only a temporary file, removed at the next start; a
+crash between 2 and 3 leaves an index row whose file is still in ``tmp/``:
+the next start finishes the rename (``recover``). So an acknowledged object
+is always on stable storage and the index never names a file that is not
+there.
+
+All file and index work happens on one worker thread, never on the event
+loop; objects that arrive together are committed in one transaction.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicomagent.archive.incoming import HEAD_LIMIT, IncomingFile, write_all
+from dicomagent.archive.index import InstanceRecord, SQLiteIndex
+from dicomagent.archive.keys import INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
+from dicomagent.archive.part10 import file_meta_information
+
+log = logging.getLogger("dicomagent.archive")
+
+# C-STORE statuses of the seed's Table 67.
+SUCCESS = 0x0000
+WARNING_COERCED_MISMATCH = 0xB007
+OUT_OF_RESOURCES = 0xA700
+DATA_SET_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def safe_uid(uid: str) -> str:
+    """A path component for a UID: the UID itself when it is one, else a hash of it."""
+    if len(uid) <= 64 and _UID.fullmatch(uid):
+        return uid
+    return "x" + hashlib.sha1(uid.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    fsync: bool = True
+    min_free_mb: int = 100
+    on_duplicate: str = "keep"          # or "replace"
+    accept_mismatch: bool = False
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: int
+    comment: str = ""
+    path: str = ""
+    duplicate: bool = False
+
+
+def _text(element) -> str:
+    value = element.value
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _level(ds: pydicom.Dataset, keys) -> tuple[dict[str, str], dict]:
+    """Text values (for matching) and DICOM JSON (for returning) of one level's keys."""
+    values: dict[str, str] = {}
+    subset = pydicom.Dataset()
+    for key in keys:
+        element = ds.get(key.tag)
+        if element is None:
+            continue
+        subset.add(element)
+        if not key.is_sequence:
+            values[key.keyword] = _text(element)
+    if "SpecificCharacterSet" in ds:
+        subset.SpecificCharacterSet = ds.SpecificCharacterSet
+    return values, subset.to_json_dict() if len(subset) else {}
+
+
+def record_from_dataset(ds: pydicom.Dataset) -> InstanceRecord:
+    """Read the index's attributes of every level from a parsed data set."""
+    patient, patient_attrs = _level(ds, PATIENT_KEYS)
+    study, study_attrs = _level(ds, STUDY_KEYS)
+    series, series_attrs = _level(ds, SERIES_KEYS)
+    instance, instance_attrs = _level(ds, INSTANCE_KEYS)
+    charset = ds.get("SpecificCharacterSet", "")
+    if not isinstance(charset, str):
+        charset = "\\".join(charset)
+    return InstanceRecord(patient, study, series, instance, patient_attrs, study_attrs,
+                          series_attrs, instance_attrs, charset)
+
+
+def parse_incoming(incoming: IncomingFile) -> pydicom.Dataset:
+    """Parse the header attributes of a received data set (pixel data not read).
+
+    From the in-memory head when it holds them: either the whole data set is
+    there, or pydicom stopped at the pixel data before the head's end. A head
+    cut in the middle of the header is not trusted (pydicom would return a
+    truncated last value without complaint): the file is read instead.
+    """
+    if incoming.size == incoming.data_offset:
+        raise InvalidDicomError("empty data set")
+    buffer = file_meta_information(incoming.sop_class_uid, incoming.sop_instance_uid,
+                                   incoming.transfer_syntax) + bytes(incoming.head)
+    source = io.BytesIO(buffer)
+    ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=list(INDEXED_TAGS))
+    if incoming.complete_in_head or source.tell() < len(buffer):
+        return ds
+    return pydicom.dcmread(incoming.path, stop_before_pixels=True,
+                           specific_tags=list(INDEXED_TAGS))
+
+
+class _Job:
+    __slots__ = ("incoming", "future", "result", "record", "final_path", "old_path")
+
+    def __init__(self, incoming: IncomingFile):
+        self.incoming = incoming
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.result: StoreResult | None = None
+        self.record: InstanceRecord | None = None
+        self.final_path = ""
+        self.old_path = ""
+
+
+class Archive:
+    """The file store and the index, with the worker thread that writes both."""
+
+    def __init__(self, data_dir: str, settings: StorageSettings = StorageSettings()):
+        self.data_dir = os.path.abspath(data_dir)
+        self.settings = settings
+        self.tmp_dir = os.path.join(self.data_dir, "tmp")
+        self.archive_dir = os.path.join(self.data_dir, "archive")
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        os.makedirs(self.archive_dir, exist_ok=True)
+        self.index = SQLiteIndex(os.path.join(self.data_dir, "index.sqlite"),
+                                 durable=settings.fsync)
+        self._free_checked_at = 0.0
+        self._free_ok = True
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.recover()
+        self._worker = threading.Thread(target=self._work, name="archive", daemon=True)
+        self._worker.start()
+
+    # --- receiving (event loop thread) ---------------------------------------------------
+
+    def has_room(self) -> bool:
+        """Free space above ``min_free_mb`` (checked at most once a second)."""
+        now = time.monotonic()
+        if now - self._free_checked_at >= 1.0:
+            stat = os.statvfs(self.data_dir)
+            self._free_ok = stat.f_bavail * stat.f_frsize >= self.settings.min_free_mb * 2**20
+            self._free_checked_at = now
+        return self._free_ok
+
+    def open_incoming(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                      calling_ae_title: str) -> IncomingFile:
+        """The sink for one C-STORE data set (refused at once when space is short)."""
+        if not self.has_room():
+            return IncomingFile.refused("out-of-resources")
+        return IncomingFile(self.tmp_dir, sop_class_uid, sop_instance_uid, transfer_syntax,
+                            calling_ae_title, time.time())
+
+    def submit(self, incoming: IncomingFile) -> concurrent.futures.Future:
+        """Hand a complete data set to the worker; the future gives a ``StoreResult``."""
+        job = _Job(incoming)
+        self._queue.put(job)
+        return job.future
+
+    # --- the worker thread ---------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < 64:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            self._store_batch(batch)
+
+    def _store_batch(self, batch: list[_Job]) -> None:
+        accepted = []
+        for job in batch:
+            try:
+                job.result = self._check(job)
+            except Exception as error:  # noqa: BLE001 - one bad object must not stop the worker
+                log.exception("storing %s failed", job.incoming.sop_instance_uid)
+                job.result = StoreResult(CANNOT_UNDERSTAND, f"processing failure: {error}")
+            if job.record is not None:
+                accepted.append(job)
+            else:
+                job.incoming.discard()
+        if accepted:
+            try:
+                for job in accepted:
+                    self.index.add(job.record)
+                self.index.commit()
+                directories = set()
+                for job in accepted:
+                    directories.add(self._place(job))
+                if self.settings.fsync:
+                    for directory in directories:
+                        _fsync_directory(directory)
+            except Exception as error:  # noqa: BLE001 - disk or database failure
+                log.exception("archive write failed")
+                self.index.rollback()
+                for job in accepted:
+                    job.incoming.discard()
+                    job.result = StoreResult(OUT_OF_RESOURCES, f"archive write failed: {error}")
+        for job in batch:
+            job.future.set_result(job.result)
+
+    def _check(self, job: _Job) -> StoreResult:
+        """Parse, compare with the command, decide duplicates, flush: the object's status."""
+        incoming = job.incoming
+        if incoming.failure:
+            return StoreResult(OUT_OF_RESOURCES, incoming.failure)
+        try:
+            ds = parse_incoming(incoming)
+            sop_class = ds.get("SOPClassUID", "")
+            sop_instance = ds.get("SOPInstanceUID", "")
+            study_uid = ds.get("StudyInstanceUID", "")
+            series_uid = ds.get("SeriesInstanceUID", "")
+        except Exception as error:  # noqa: BLE001 - whatever pydicom says of bad bytes
+            log.warning("C-STORE %s from %s: data set cannot be parsed: %s",
+                        incoming.sop_instance_uid, incoming.calling_ae_title, error)
+            return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the data set: {error}")
+        if not (sop_instance and study_uid and series_uid and sop_class):
+            return StoreResult(CANNOT_UNDERSTAND, "SOP Class/Instance, Study or Series "
+                                                  "Instance UID missing in the data set")
+        status, comment = SUCCESS, ""
+        if sop_class != incoming.sop_class_uid or sop_instance != incoming.sop_instance_uid:
+            comment = (f"data set is {sop_class} / {sop_instance}, command says "
+                       f"{incoming.sop_class_uid} / {incoming.sop_instance_uid}")
+            if not self.settings.accept_mismatch:
+                log.warning("C-STORE from %s refused: %s", incoming.calling_ae_title, comment)
+                return StoreResult(DATA_SET_DOES_NOT_MATCH, comment)
+            status = WARNING_COERCED_MISMATCH
+            self._rewrite_header(incoming, sop_class, sop_instance)
+        existing = self.index.lookup(sop_instance)
+        relative = os.path.join("archive", safe_uid(study_uid), safe_uid(series_uid),
+                                safe_uid(sop_instance) + ".dcm")
+        if existing is not None:
+            if self.settings.on_duplicate == "keep":
+                log.info("C-STORE %s from %s: already stored, kept the first copy",
+                         sop_instance, incoming.calling_ae_title)
+                return StoreResult(SUCCESS, "duplicate SOP Instance UID: first copy kept",
+                                   existing["path"], duplicate=True)
+            if existing["path"] != relative:
+                job.old_path = existing["path"]
+        if self.settings.fsync:
+            os.fsync(incoming.fd)
+        os.close(incoming.fd)
+        incoming.fd = -1
+        record = record_from_dataset(ds)
+        record.path = relative
+        record.size = incoming.size
+        record.transfer_syntax = incoming.transfer_syntax
+        record.received_at = incoming.received_at
+        record.calling_ae_title = incoming.calling_ae_title
+        record.crc32 = incoming.crc32
+        job.record = record
+        job.final_path = os.path.join(self.data_dir, relative)
+        return StoreResult(status, comment, relative, duplicate=existing is not None)
+
+    def _rewrite_header(self, incoming: IncomingFile, sop_class: str, sop_instance: str) -> None:
+        """Give a mismatching data set (stored with B007) a header naming its own UIDs."""
+        new = IncomingFile(self.tmp_dir, sop_class, sop_instance, incoming.transfer_syntax,
+                           incoming.calling_ae_title, incoming.received_at)
+        with open(incoming.path, "rb") as source:
+            source.seek(incoming.data_offset)
+            while chunk := source.read(1 << 20):
+                new.write(chunk)
+        incoming.discard()
+        for name in IncomingFile.__slots__:
+            setattr(incoming, name, getattr(new, name))
+
+    def _place(self, job: _Job) -> str:
+        """Rename the flushed temporary file to its final path; return its directory."""
+        directory = os.path.dirname(job.final_path)
+        os.makedirs(directory, exist_ok=True)
+        os.replace(job.incoming.path, job.final_path)
+        job.incoming.path = ""
+        if job.old_path:
+            try:
+                os.unlink(os.path.join(self.data_dir, job.old_path))
+            except FileNotFoundError:
+                pass
+        return directory
+
+    # --- start-up and shutdown -------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish or drop what a crash left in ``tmp/`` (see the module docstring)."""
+        for name in os.listdir(self.tmp_dir):
+            path = os.path.join(self.tmp_dir, name)
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=[0x00080018])
+                row = self.index.lookup(str(ds.get("SOPInstanceUID", "")))
+            except Exception:  # noqa: BLE001 - a partial file is expected here
+                row = None
+            if row is not None:
+                final = os.path.join(self.data_dir, row["path"])
+                if not os.path.exists(final) and os.path.getsize(path) == row["size"]:
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    os.replace(path, final)
+                    log.info("recovered %s (stored before a crash)", row["path"])
+                    continue
+            os.unlink(path)
+            log.info("removed %s (incomplete when the agent stopped)", name)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join()
+        self.index.close()
+
+    # --- import from disk --------------------------------------------------------------------
+
+    def import_file(self, path: str, calling_ae_title: str = "") -> StoreResult:
+        """Add a Part 10 file from disk through the same checks as a C-STORE."""
+        try:
+            with open(path, "rb") as handle:
+                meta_ds = pydicom.dcmread(handle, stop_before_pixels=True,
+                                          specific_tags=[0x00080016, 0x00080018])
+                handle.seek(0)
+                preamble_and_meta = pydicom.filereader.read_preamble(handle, False)
+                pydicom.filereader._read_file_meta_info(handle)
+                data_offset = handle.tell()
+                del preamble_and_meta
+                file_meta = meta_ds.file_meta
+                transfer_syntax = str(file_meta.TransferSyntaxUID)
+                sop_class = str(file_meta.get("MediaStorageSOPClassUID", "")
+                                or meta_ds.get("SOPClassUID", ""))
+                sop_instance = str(file_meta.get("MediaStorageSOPInstanceUID", "")
+                                   or meta_ds.get("SOPInstanceUID", ""))
+                incoming = self.open_incoming(sop_class, sop_instance, transfer_syntax,
+                                              calling_ae_title)
+                handle.seek(data_offset)
+                while chunk := handle.read(1 << 20):
+                    incoming.write(chunk)
+        except (InvalidDicomError, AttributeError, OSError, ValueError) as error:
+            return StoreResult(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {error}")
+        return self.submit(incoming).result()
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

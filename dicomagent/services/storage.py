@@ -1,0 +1,116 @@
+"""PS3.4 Annex B: Storage Service Class, SCP (the SCU is ``dicomagent.store``).
+
+The SCP accepts the Storage SOP Classes of the seed's Table 2 (or, with
+``storage.accept_all_storage_classes``, every Storage SOP Class pydicom
+knows) in the three uncompressed transfer syntaxes of Table 12 (and, with
+``storage.accept_compressed``, the compressed ones, stored as received).
+
+A C-STORE data set is streamed to a temporary file while it arrives (the
+sink below); the archive's worker then checks, flushes and files it, and
+only then is the C-STORE-RSP sent, with a status of the seed's Table 67:
+0000 success, B007 stored although the data set does not match the command
+(``storage.accept_mismatch``), A700 out of resources, A900 data set does not
+match the SOP Class, C000 cannot understand.
+
+References
+----------
+PS3.4 Annex B (B.2.3 statuses); PS3.7 §9.1.1 (C-STORE); seed 3.1.3.4, Table 67.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pydicom.uid
+from pydicom._uid_dict import UID_dictionary
+
+from dicomagent.dimse.commands import C_STORE_RQ, C_STORE_RSP
+from dicomagent.services import ServiceClass
+from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
+
+log = logging.getLogger("dicomagent.storage")
+
+#: Seed Table 2: Storage SOP Classes, SCU and SCP.
+TABLE_2 = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame Image Storage (Retired)",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.20": "Nuclear Medicine Image Storage",
+    "1.2.840.10008.5.1.4.1.1.128": "Positron Emission Tomography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.481.1": "RT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image Storage",
+    "1.2.840.10008.5.1.4.1.1.12.1": "X-Ray Angiographic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.12.2": "X-Ray Radiofluoroscopic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.3": "Digital Intra-Oral X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.77.1.1": "VL Endoscopic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.77.1.2": "VL Microscopic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.77.1.3": "VL Slide-Coordinates Microscopic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.77.1.4": "VL Photographic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State Storage",
+    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.50": "Mammography CAD SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection Document Storage",
+}
+
+
+def all_storage_sop_classes() -> dict[str, str]:
+    """Every Storage SOP Class in pydicom's UID registry, with the seed's Table 2."""
+    found = {uid: entry[0] for uid, entry in UID_dictionary.items()
+             if entry[1] == "SOP Class" and "Storage" in entry[0]
+             and "Storage Commitment" not in entry[0]}
+    return {**found, **TABLE_2}
+
+
+#: Transfer syntaxes accepted with ``storage.accept_compressed``: every one pydicom knows.
+ALL_TRANSFER_SYNTAXES = tuple(str(uid) for uid in pydicom.uid.AllTransferSyntaxes)
+
+
+def open_c_store_sink(association, context, command: C_STORE_RQ):
+    """The sink for a C-STORE data set: a temporary file in the archive (or a refusal)."""
+    return association.agent.archive.open_incoming(
+        command.AffectedSOPClassUID or "", command.AffectedSOPInstanceUID or "",
+        context.transfer_syntax, association.calling_ae_title)
+
+
+async def handle_c_store(association, context, received) -> None:
+    """PS3.4 B.2: file the received data set, then answer with its status."""
+    request: C_STORE_RQ = received.command
+    result = await asyncio.wrap_future(association.agent.archive.submit(received.data_set))
+    association.send_message(context.context_id, C_STORE_RSP(
+        AffectedSOPClassUID=request.AffectedSOPClassUID,
+        MessageIDBeingRespondedTo=request.MessageID,
+        Status=result.status,
+        AffectedSOPInstanceUID=request.AffectedSOPInstanceUID,
+        ErrorComment=result.comment[:64] if result.status not in (0, ) and result.comment
+        else None))
+    if result.status == 0:
+        log.info("%s C-STORE %s: stored %s", association.describe(),
+                 request.AffectedSOPInstanceUID, result.path)
+    else:
+        log.warning("%s C-STORE %s: status 0x%04X %s", association.describe(),
+                    request.AffectedSOPInstanceUID, result.status, result.comment)
+
+
+def service(settings) -> ServiceClass:
+    """The Storage service class as the configuration shapes it."""
+    sop_classes = all_storage_sop_classes() if settings.accept_all_storage_classes else TABLE_2
+    return ServiceClass(
+        name="Storage",
+        reference="PS3.4 Annex B",
+        sop_classes=dict(sop_classes),
+        scp=True,
+        transfer_syntaxes=ALL_TRANSFER_SYNTAXES if settings.accept_compressed
+        else UNCOMPRESSED_TRANSFER_SYNTAXES,
+        handlers={C_STORE_RQ: handle_c_store},
+        sinks={C_STORE_RQ: open_c_store_sink},
+    )
