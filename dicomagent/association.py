@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import types
 
 from dicomagent.dimse.commands import MESSAGES, Message, encode_command
@@ -27,6 +28,7 @@ from dicomagent.dimse.messages import DIMSEProtocolError, MessageAssembler, Rece
 from dicomagent.dimse.status import UNRECOGNIZED_OPERATION
 from dicomagent.ul.codes import (AbortReason, RejectSource, reject_reason_text)
 from dicomagent.ul.connection import ULConnection
+from dicomagent.ul.pdu import MCH_LAST
 from dicomagent.ul.negotiation import (PresentationContext, ProposedContext, accepted_contexts,
                                        build_associate_rq, negotiate)
 from dicomagent.ul.primitives import (AAbortIndication, AAssociateConfirmation,
@@ -149,6 +151,39 @@ class Association:
         if data_set is not None:
             connection.send_message_part(context_id, False, data_set)
         self.ul.run()
+
+    async def send_file(self, context_id: int, command: Message, path: str, offset: int) -> None:
+        """Send a command and, as its data set, a file's bytes from ``offset`` to the end.
+
+        The file is read in large blocks and sent as PDVs cut to the peer's
+        maximum, each a view of its block (no copy); the transport's flow
+        control paces the reading.
+        """
+        connection = self.connection
+        connection.send_message_part(context_id, True, encode_command(command))
+        self.ul.run()
+        step = connection.max_fragment_length
+        with open(path, "rb") as handle:
+            remaining = os.fstat(handle.fileno()).st_size - offset
+            handle.seek(offset)
+            if remaining <= 0:
+                connection.send_pdv(context_id, MCH_LAST, b"")
+                self.ul.run()
+                return
+            while remaining > 0:
+                block = handle.read(min(max(step, 1 << 20), remaining))
+                if not block:
+                    raise AssociationError(f"{path} changed while it was being sent")
+                remaining -= len(block)
+                view = memoryview(block)
+                for start in range(0, len(view), step):
+                    fragment = view[start:start + step]
+                    last = remaining == 0 and start + step >= len(view)
+                    connection.send_pdv(context_id, MCH_LAST if last else 0, fragment)
+                self.ul.run()
+                await self.ul.drain()
+                if self.ended.done():
+                    raise AssociationAborted(self.end_reason)
 
     def abort(self) -> None:
         """A-ABORT request (service-user)."""
@@ -312,12 +347,17 @@ class RequestorAssociation(Association):
         return received
 
     async def request(self, context_id: int, command: Message, data_set=None) -> ReceivedMessage:
-        """Send a request and return its (final) response."""
+        """Send a request and return its (first) response."""
         self.send_message(context_id, command, data_set)
+        return await self.wait_response(command.MessageID)
+
+    async def wait_response(self, message_id: int) -> ReceivedMessage:
+        """The next response to request ``message_id`` (others are dropped with a log line)."""
         while True:
             received = await self.next_message()
-            if getattr(received.command, "MessageIDBeingRespondedTo", None) == command.MessageID:
+            if getattr(received.command, "MessageIDBeingRespondedTo", None) == message_id:
                 return received
+            log.warning("%s: unexpected %s ignored", self.describe(), received.command.NAME)
 
     async def release(self) -> None:
         """A-RELEASE request; waits for the confirmation (or the end of the association)."""

@@ -1,6 +1,7 @@
 """The ``dicomagent`` command.
 
-Subcommands: ``serve`` (the daemon) and ``echo`` (Verification SCU). Flags
+Subcommands: ``serve`` (the daemon), ``echo`` (Verification SCU), ``store``
+(Storage SCU), ``ls`` and ``import`` (the local archive). Flags
 follow DCMTK's tools where DICOM people already know them: ``HOST PORT``
 positionals, ``-aet`` / ``-aec`` as aliases of ``--aet`` / ``--aec``.
 
@@ -68,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="propose only this transfer syntax (repeatable; default all three)")
     echo.add_argument("--repeat", type=int, default=1, metavar="N",
                       help="send N C-ECHO requests on the association")
+
+    store = commands.add_parser("store", help="Storage SCU: send DICOM files and folders")
+    _add_scu_options(store)
+    store.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
+    store.add_argument("--ts", action="append", choices=sorted(TRANSFER_SYNTAX_FLAGS),
+                       help="propose only these transfer syntaxes, converting files as needed "
+                            "(repeatable; default: each file's own)")
+    store.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ls = commands.add_parser("ls", help="list what the archive holds")
+    _add_local_options(ls)
+    ls.add_argument("--level", choices=("study", "series", "instance"), default="study")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    imp = commands.add_parser("import", help="add DICOM files from disk to the archive")
+    _add_local_options(imp)
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
     return parser
 
 
@@ -168,7 +186,104 @@ def cmd_echo(args) -> int:
     return _run(main())
 
 
-COMMANDS = {"serve": cmd_serve, "echo": cmd_echo}
+def cmd_store(args) -> int:
+    from dicomagent.store import scan, store_files
+
+    _setup_logging(args.verbose, logging.WARNING)
+    files, skipped = scan(args.paths)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not files:
+        print("dicomagent store: no DICOM files to send", file=sys.stderr)
+        return EXIT_FAILURE_STATUS
+    proposed = tuple(TRANSFER_SYNTAX_FLAGS[name] for name in args.ts) if args.ts else None
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(files), unit="obj", file=sys.stderr)
+
+    def progress(local, status, comment):
+        if bar is not None:
+            bar.update(1)
+        if status != 0:
+            text = f"status 0x{status:04X}" if status >= 0 else "not sent"
+            message = f"{local.path}: {text}{': ' + comment if comment else ''}"
+            if bar is not None:
+                bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr)
+
+    report = _run(store_files(args.host, args.port, args.aet, args.aec, files, proposed,
+                              progress, args.timeout))
+    if bar is not None:
+        bar.close()
+    print(f"sent {report.sent}, warnings {report.warnings}, failed {report.failed}"
+          f"{f', skipped {len(skipped)} non-DICOM' if skipped else ''}")
+    return EXIT_OK if report.failed == 0 else EXIT_FAILURE_STATUS
+
+
+def _open_archive(args):
+    from dicomagent.archive import Archive, StorageSettings
+    config = load_with_overrides(args)
+    storage = config.storage
+    return Archive(config.agent.data_dir, StorageSettings(
+        fsync=storage.fsync, min_free_mb=storage.min_free_mb,
+        on_duplicate=storage.on_duplicate, accept_mismatch=storage.accept_mismatch))
+
+
+def cmd_ls(args) -> int:
+    import json
+    try:
+        archive = _open_archive(args)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        rows = archive.index.list(args.level)
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print(f"no {args.level} in {archive.data_dir}")
+        return EXIT_OK
+    columns = list(rows[0])
+    widths = {c: min(64, max(len(c), *(len(str(r[c] or "")) for r in rows))) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c] or "")[:64].ljust(widths[c]) for c in columns))
+    return EXIT_OK
+
+
+def cmd_import(args) -> int:
+    from dicomagent.store import scan
+    try:
+        archive = _open_archive(args)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    files, skipped = scan(args.paths)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    stored = failed = 0
+    try:
+        for local in files:
+            result = archive.import_file(local.path)
+            if result.status in (0x0000, 0xB007):
+                stored += 1
+            else:
+                failed += 1
+                print(f"{local.path}: status 0x{result.status:04X} {result.comment}",
+                      file=sys.stderr)
+    finally:
+        archive.close()
+    print(f"imported {stored}, failed {failed}, skipped {len(skipped)}")
+    return EXIT_OK if failed == 0 else EXIT_FAILURE_STATUS
+
+
+COMMANDS = {"serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
+            "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ from pydicom.errors import InvalidDicomError
 from dicomagent.archive.incoming import HEAD_LIMIT, IncomingFile, write_all
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
 from dicomagent.archive.keys import INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
-from dicomagent.archive.part10 import file_meta_information
+from dicomagent.archive.part10 import NotPart10Error, file_meta_information, read_file_meta
 
 log = logging.getLogger("dicomagent.archive")
 
@@ -359,25 +359,14 @@ class Archive:
         """Add a Part 10 file from disk through the same checks as a C-STORE."""
         try:
             with open(path, "rb") as handle:
-                meta_ds = pydicom.dcmread(handle, stop_before_pixels=True,
-                                          specific_tags=[0x00080016, 0x00080018])
-                handle.seek(0)
-                preamble_and_meta = pydicom.filereader.read_preamble(handle, False)
-                pydicom.filereader._read_file_meta_info(handle)
-                data_offset = handle.tell()
-                del preamble_and_meta
-                file_meta = meta_ds.file_meta
-                transfer_syntax = str(file_meta.TransferSyntaxUID)
-                sop_class = str(file_meta.get("MediaStorageSOPClassUID", "")
-                                or meta_ds.get("SOPClassUID", ""))
-                sop_instance = str(file_meta.get("MediaStorageSOPInstanceUID", "")
-                                   or meta_ds.get("SOPInstanceUID", ""))
-                incoming = self.open_incoming(sop_class, sop_instance, transfer_syntax,
-                                              calling_ae_title)
+                meta, data_offset = read_file_meta(handle)
+                incoming = self.open_incoming(meta.get("sop_class_uid", ""),
+                                              meta.get("sop_instance_uid", ""),
+                                              meta["transfer_syntax"], calling_ae_title)
                 handle.seek(data_offset)
                 while chunk := handle.read(1 << 20):
                     incoming.write(chunk)
-        except (InvalidDicomError, AttributeError, OSError, ValueError) as error:
+        except (NotPart10Error, OSError) as error:
             return StoreResult(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {error}")
         return self.submit(incoming).result()
 

@@ -58,3 +58,55 @@ def file_meta_information(sop_class_uid: str, sop_instance_uid: str, transfer_sy
     ))
     group_length = _element(0x0000, "UL", struct.pack("<I", len(body)))
     return PREAMBLE + PREFIX + group_length + body
+
+
+class NotPart10Error(ValueError):
+    """The file is not a DICOM Part 10 file (no "DICM" prefix, or a broken header)."""
+
+
+def read_file_meta(handle) -> tuple[dict[str, str], int]:
+    """Read a Part 10 file's preamble and group 0002; return its UIDs and the data set offset.
+
+    Only what sending and filing need: Media Storage SOP Class / Instance UID
+    and Transfer Syntax UID (keys ``sop_class_uid``, ``sop_instance_uid``,
+    ``transfer_syntax``). The data set starts at the returned offset.
+    """
+    head = handle.read(132)
+    if len(head) < 132 or head[128:132] != PREFIX:
+        raise NotPart10Error("no DICM prefix at offset 128")
+    names = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax"}
+    meta: dict[str, str] = {}
+    offset = 132
+    end = None
+    while end is None or offset < end:
+        header = handle.read(8)
+        if len(header) < 8:
+            raise NotPart10Error("file meta information truncated")
+        group, element, vr = struct.unpack_from("<HH2s", header)
+        if group != 0x0002:
+            if end is None:        # no group length: the meta ends where group 0002 ends
+                handle.seek(offset)
+                break
+            raise NotPart10Error(f"({group:04X},{element:04X}) inside the file meta information")
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+            extra = handle.read(4)
+            if len(extra) < 4:
+                raise NotPart10Error("file meta information truncated")
+            (length,) = struct.unpack("<I", extra)
+            offset += 12
+        else:
+            (length,) = struct.unpack_from("<H", header, 6)
+            offset += 8
+        if length > 1 << 16:
+            raise NotPart10Error(f"(0002,{element:04X}) length {length}")
+        value = handle.read(length)
+        if len(value) < length:
+            raise NotPart10Error("file meta information truncated")
+        offset += length
+        if element == 0x0000:
+            end = offset + struct.unpack("<I", value)[0]
+        elif element in names:
+            meta[names[element]] = value.decode("ascii", "replace").rstrip("\x00 ")
+    if "transfer_syntax" not in meta:
+        raise NotPart10Error("no Transfer Syntax UID in the file meta information")
+    return meta, offset
