@@ -46,6 +46,7 @@ from pydicom.errors import InvalidDicomError
 from dicomagent.archive.incoming import HEAD_LIMIT, IncomingFile, write_all
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
 from dicomagent.archive.keys import INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
+from dicomagent.archive.structure import StructureError, check_structure
 from dicomagent.archive.part10 import NotPart10Error, file_meta_information, read_file_meta
 
 log = logging.getLogger("dicomagent.archive")
@@ -263,6 +264,13 @@ class Archive:
             log.warning("C-STORE %s from %s: data set cannot be parsed: %s",
                         incoming.sop_instance_uid, incoming.calling_ae_title, error)
             return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the data set: {error}")
+        try:
+            check_structure(bytes(incoming.head), incoming.size - incoming.data_offset,
+                            incoming.transfer_syntax, incoming.path, incoming.data_offset)
+        except (StructureError, OSError) as error:
+            log.warning("C-STORE %s from %s: malformed data set: %s",
+                        incoming.sop_instance_uid, incoming.calling_ae_title, error)
+            return StoreResult(CANNOT_UNDERSTAND, f"malformed data set: {error}")
         if not (sop_instance and study_uid and series_uid and sop_class):
             return StoreResult(CANNOT_UNDERSTAND, "SOP Class/Instance, Study or Series "
                                                   "Instance UID missing in the data set")

@@ -1,0 +1,195 @@
+"""PS3.5 §7: checking that a received data set's element lengths hold together.
+
+pydicom reads a truncated data set without complaint (the last value simply
+comes out short), so before the archive keeps a data set it walks the
+element headers: every length must fit in what is left, sequences and items
+must close, and the top level must end exactly at the end of the data. Only
+headers are read; values (pixel data included) are skipped.
+
+References
+----------
+PS3.5 §7.1 (data elements, explicit and implicit VR), §7.5 (nesting of
+data sets: items and delimiters), §A.4 (encapsulated pixel data).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from dicomagent.uids import IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN
+
+UNDEFINED = 0xFFFFFFFF
+ITEM = 0xFFFEE000
+ITEM_DELIMITATION = 0xFFFEE00D
+SEQUENCE_DELIMITATION = 0xFFFEE0DD
+#: PS3.5 Table 7.1-1: explicit VRs with a 2-byte reserved field and a 4-byte length.
+LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+            b"UT", b"UV"}
+MAX_DEPTH = 64
+
+
+class StructureError(ValueError):
+    """The data set's lengths do not hold together."""
+
+
+class _Source:
+    """Reads ``length`` bytes at a data set offset: from the in-memory head when it
+    covers them, else from the file (whose data set starts at ``file_offset``)."""
+
+    def __init__(self, head: bytes, path: str | None, file_offset: int):
+        self.head = head
+        self.path = path
+        self.file_offset = file_offset
+        self.handle = None
+
+    def read(self, position: int, length: int) -> bytes:
+        if position + length <= len(self.head):
+            return self.head[position:position + length]
+        if self.path is None:
+            raise StructureError("data set ends inside an element header")
+        if self.handle is None:
+            self.handle = open(self.path, "rb")
+        self.handle.seek(self.file_offset + position)
+        data = self.handle.read(length)
+        if len(data) < length:
+            raise StructureError("data set ends inside an element header")
+        return data
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def check_structure(head: bytes, size: int, transfer_syntax: str, path: str | None = None,
+                    file_offset: int = 0) -> None:
+    """Raise ``StructureError`` unless the data set of ``size`` bytes is well formed.
+
+    ``head`` holds its first bytes (all of them when ``path`` is None).
+    Deflated and other transfer syntaxes whose data set is not plain
+    elements are not checked.
+    """
+    if transfer_syntax == "1.2.840.10008.1.2.1.99":
+        return
+    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    source = _Source(head, path, file_offset)
+    try:
+        end = _walk(source, 0, size, implicit, little, 0, stop_at_delimiter=False)
+        if end != size:
+            raise StructureError(f"{size - end} bytes after the last element")
+    finally:
+        source.close()
+
+
+def _walk(source: _Source, position: int, end: int, implicit: bool, little: bool,
+          depth: int, stop_at_delimiter: bool) -> int:
+    """Walk elements from ``position`` to ``end`` (or to an item delimiter)."""
+    if depth > MAX_DEPTH:
+        raise StructureError("sequences nested deeper than 64")
+    order = "<" if little else ">"
+    tag_struct = struct.Struct(order + "HH")
+    u32 = struct.Struct(order + "I")
+    u16 = struct.Struct(order + "H")
+    while position < end:
+        if end - position < 8:
+            raise StructureError(f"{end - position} stray bytes at offset {position}")
+        header = source.read(position, 8)
+        group, element = tag_struct.unpack_from(header)
+        tag = group << 16 | element
+        if tag == ITEM_DELIMITATION:
+            if not stop_at_delimiter:
+                raise StructureError(f"item delimiter outside an item at offset {position}")
+            return position + 8
+        vr = b""
+        if implicit or group == 0xFFFE:
+            (length,) = u32.unpack_from(header, 4)
+            position += 8
+        else:
+            vr = header[4:6]
+            if vr in LONG_VRS:
+                if end - position < 12:
+                    raise StructureError(f"element ({group:04X},{element:04X}) header truncated")
+                (length,) = u32.unpack_from(source.read(position + 8, 4))
+                position += 12
+            else:
+                (length,) = u16.unpack_from(header, 6)
+                position += 8
+        if length == UNDEFINED:
+            if vr not in (b"SQ", b"UN", b"OB", b"OW", b""):
+                raise StructureError(f"undefined length on ({group:04X},{element:04X}) {vr!r}")
+            # PS3.5 §6.2.2: an undefined-length UN holds Implicit VR Little Endian.
+            position = _walk_sequence(source, position, end, implicit or vr == b"UN",
+                                      little, depth + 1, tag)
+            continue
+        if length > end - position:
+            raise StructureError(f"element ({group:04X},{element:04X}) length {length} exceeds "
+                                 f"the {end - position} bytes left")
+        if vr == b"SQ":
+            _walk_items(source, position, position + length, implicit, little, depth + 1)
+        elif implicit and _is_sequence_value(source, position, length, little):
+            # Interpretation: PS3.5 §7.1.3 — with implicit VR only the data
+            # dictionary tells a sequence; a value that starts with an Item tag is
+            # walked as one, and left opaque if it does not parse as items.
+            try:
+                _walk_items(source, position, position + length, implicit, little, depth + 1)
+            except StructureError:
+                pass
+        position += length
+    return position
+
+
+def _is_sequence_value(source: _Source, position: int, length: int, little: bool) -> bool:
+    """Implicit VR: a defined-length value that starts with an Item tag is a sequence."""
+    if length < 8:
+        return False
+    group, element = struct.unpack_from("<HH" if little else ">HH", source.read(position, 4))
+    return (group << 16 | element) == ITEM
+
+
+def _walk_items(source: _Source, position: int, end: int, implicit: bool, little: bool,
+                depth: int) -> None:
+    """The items of a defined-length sequence value."""
+    u32 = struct.Struct("<I" if little else ">I")
+    while position < end:
+        if end - position < 8:
+            raise StructureError("sequence value ends inside an item header")
+        header = source.read(position, 8)
+        tag = struct.unpack_from("<HH" if little else ">HH", header)
+        if (tag[0] << 16 | tag[1]) != ITEM:
+            raise StructureError(f"({tag[0]:04X},{tag[1]:04X}) where an item was expected")
+        (length,) = u32.unpack_from(header, 4)
+        position += 8
+        if length == UNDEFINED:
+            position = _walk(source, position, end, implicit, little, depth, True)
+        else:
+            if length > end - position:
+                raise StructureError(f"item length {length} exceeds its sequence")
+            _walk(source, position, position + length, implicit, little, depth, False)
+            position += length
+
+
+def _walk_sequence(source: _Source, position: int, end: int, implicit: bool, little: bool,
+                   depth: int, tag: int) -> int:
+    """An undefined-length sequence (or encapsulated pixel data) up to its delimiter."""
+    u32 = struct.Struct("<I" if little else ">I")
+    while True:
+        if end - position < 8:
+            raise StructureError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has no sequence "
+                                 f"delimiter before the end")
+        header = source.read(position, 8)
+        group, element = struct.unpack_from("<HH" if little else ">HH", header)
+        item_tag = group << 16 | element
+        (length,) = u32.unpack_from(header, 4)
+        position += 8
+        if item_tag == SEQUENCE_DELIMITATION:
+            return position
+        if item_tag != ITEM:
+            raise StructureError(f"({group:04X},{element:04X}) inside a sequence")
+        if length == UNDEFINED:
+            position = _walk(source, position, end, implicit, little, depth, True)
+        elif length > end - position:
+            raise StructureError(f"item length {length} exceeds the data set")
+        else:
+            if tag != 0x7FE00010:          # fragments of encapsulated pixel data are opaque
+                _walk(source, position, position + length, implicit, little, depth, False)
+            position += length
