@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbosity: int, default=logging.INFO) -> None:
     level = default if verbosity == 0 else (logging.INFO if verbosity == 1 else logging.DEBUG)
+    # The logging HOWTO's "Optimization": no caller, thread or process look-up per record
+    # (the daemon logs a line per association and per operation).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -10,10 +10,14 @@ PS3.4 Annex A; PS3.7 §9.1.5 (C-ECHO), §9.3.5 (C-ECHO-RQ / -RSP).
 
 from __future__ import annotations
 
+import logging
+
 from dicomagent.dimse.commands import C_ECHO_RQ, C_ECHO_RSP
 from dicomagent.dimse.status import SUCCESS
 from dicomagent.services import ServiceClass
 from dicomagent.uids import VERIFICATION
+
+log = logging.getLogger("dicomagent.verification")
 
 
 def handle_c_echo(association, context, received) -> None:
@@ -23,6 +27,7 @@ def handle_c_echo(association, context, received) -> None:
         AffectedSOPClassUID=request.AffectedSOPClassUID or context.abstract_syntax,
         MessageIDBeingRespondedTo=request.MessageID,
         Status=SUCCESS))
+    log.info("%s C-ECHO: success", association.describe())
 
 
 async def echo(association) -> int:
