@@ -23,8 +23,9 @@ import logging
 import os
 import types
 
-from dicomagent.dimse.commands import MESSAGES, Message, encode_command
-from dicomagent.dimse.messages import DIMSEProtocolError, MessageAssembler, ReceivedMessage
+from dicomagent.dimse.commands import C_CANCEL_RQ, MESSAGES, Message, encode_command
+from dicomagent.dimse.messages import (DIMSEProtocolError, MemorySink, MessageAssembler,
+                                      ReceivedMessage)
 from dicomagent.dimse.status import UNRECOGNIZED_OPERATION
 from dicomagent.ul.codes import (AbortReason, RejectSource, reject_reason_text)
 from dicomagent.ul.connection import ULConnection
@@ -83,16 +84,88 @@ class Association:
         self._message_id = 0
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
         self.end_reason = ""
+        #: (request message class, abstract syntax) -> handler, for requests from the peer.
+        self.handlers: dict = {}
+        #: (request message class, abstract syntax) -> sink opener, for their data sets.
+        self.sinks: dict = {}
+        #: Message IDs of our requests -> queue of their responses.
+        self._responses: dict[int, asyncio.Queue] = {}
+        #: Message IDs the peer cancelled with C-CANCEL-RQ (PS3.7 §9.3.2.3).
+        self.cancelled: set[int] = set()
+        self.dimse_timeout: float | None = None
+        self._busy = 0
 
-    # --- what subclasses refine --------------------------------------------------------
+    # --- messages from the peer ---------------------------------------------------------
 
     def open_sink(self, context_id: int, command: Message):
-        """The sink for the data set ``command`` announces (default: in memory)."""
-        from dicomagent.dimse.messages import MemorySink
+        """The handler's own sink where one is declared (C-STORE: a file), else memory."""
+        context = self.contexts.get(context_id)
+        if context is not None:
+            opener = self.sinks.get((type(command), context.abstract_syntax))
+            if opener is not None:
+                return opener(self, context, command)
         return MemorySink()
 
     def on_message(self, received: ReceivedMessage) -> None:
-        raise NotImplementedError
+        """A whole DIMSE message: a response goes to its waiter, a request to its handler."""
+        command = received.command
+        context = self.contexts.get(received.context_id)
+        if context is None:
+            log.warning("%s: %s on presentation context %d, which was not accepted; aborting",
+                        self.describe(), command.NAME, received.context_id)
+            self.abort()
+            return
+        if command.is_response:
+            self._responses.setdefault(command.MessageIDBeingRespondedTo,
+                                       asyncio.Queue()).put_nowait(received)
+            return
+        if type(command) is C_CANCEL_RQ:
+            self.cancelled.add(command.MessageIDBeingRespondedTo)
+            return
+        handler = self.handlers.get((type(command), context.abstract_syntax))
+        if handler is None:
+            log.warning("%s: %s not supported on context %d (%s): status 0x%04X",
+                        self.describe(), command.NAME, context.context_id,
+                        context.abstract_syntax, UNRECOGNIZED_OPERATION)
+            response = _response_for(command, UNRECOGNIZED_OPERATION)
+            if response is not None:
+                self.send_message(context.context_id, response)
+            return
+        result = handler(self, context, received)
+        if type(result) is types.CoroutineType:
+            self._busy += 1
+            task = asyncio.get_running_loop().create_task(result)
+            task.add_done_callback(self._operation_done)
+
+    def _operation_done(self, task: asyncio.Task) -> None:
+        self._busy -= 1
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error("%s: handler failed: %s", self.describe(), error,
+                      exc_info=(type(error), error, error.__traceback__))
+
+    async def wait_response(self, message_id: int, timeout: float | None = None) -> ReceivedMessage:
+        """The next response to our request ``message_id`` (C-FIND and C-MOVE give several).
+
+        Raises ``AssociationError`` on the DIMSE timeout (and aborts), or when
+        the association ends first.
+        """
+        queue = self._responses.setdefault(message_id, asyncio.Queue())
+        timeout = self.dimse_timeout if timeout is None else timeout
+        try:
+            received = await asyncio.wait_for(queue.get(), timeout)
+        except asyncio.TimeoutError:
+            self.abort()
+            raise AssociationError(f"no response within {timeout:g} s (DIMSE timeout)") from None
+        if received is None:
+            queue.put_nowait(None)
+            raise AssociationAborted(self.end_reason or "association ended")
+        return received
+
+    def done_with(self, message_id: int) -> None:
+        """Forget the response queue of a finished request."""
+        self._responses.pop(message_id, None)
+        self.cancelled.discard(message_id)
 
     # --- primitives from the Upper Layer -------------------------------------------------
 
@@ -137,6 +210,8 @@ class Association:
         if not self.ended.done():
             self.end_reason = reason
             self.ended.set_result(reason)
+        for queue in self._responses.values():
+            queue.put_nowait(None)
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -221,16 +296,9 @@ class AcceptorAssociation(Association):
                          network_timeout=config.timeouts.network,
                          send_cap=agent.send_cap, provider_check=agent.provider_check)
         self.agent = agent
-        self._busy = 0
-
-    def open_sink(self, context_id: int, command: Message):
-        """The service's own sink where it declares one (C-STORE: a file), else memory."""
-        context = self.contexts.get(context_id)
-        if context is not None:
-            opener = self.agent.sinks.get((type(command), context.abstract_syntax))
-            if opener is not None:
-                return opener(self, context, command)
-        return super().open_sink(context_id, command)
+        self.handlers = agent.handlers
+        self.sinks = agent.sinks
+        self.dimse_timeout = config.timeouts.dimse
 
     def idle_timed_out(self) -> bool:
         """Abort an idle association only when no operation is in progress."""
@@ -253,40 +321,6 @@ class AcceptorAssociation(Association):
                      rq.calling_ae_title, rq.called_ae_title,
                      reject_reason_text(rj.source, rj.reason))
         self.ul.run()
-
-    def on_message(self, received: ReceivedMessage) -> None:
-        command = received.command
-        context = self.contexts.get(received.context_id)
-        if context is None:
-            log.warning("%s: %s on presentation context %d, which was not accepted; aborting",
-                        self.describe(), command.NAME, received.context_id)
-            self.abort()
-            return
-        if command.is_response:
-            self.on_response(received)
-            return
-        handler = self.agent.handlers.get((type(command), context.abstract_syntax))
-        if handler is None:
-            log.warning("%s: %s not supported on context %d (%s): status 0x%04X",
-                        self.describe(), command.NAME, context.context_id,
-                        context.abstract_syntax, UNRECOGNIZED_OPERATION)
-            response = _response_for(command, UNRECOGNIZED_OPERATION)
-            if response is not None:
-                self.send_message(context.context_id, response)
-            return
-        result = handler(self, context, received)
-        if type(result) is types.CoroutineType:
-            self._busy += 1
-            task = asyncio.get_running_loop().create_task(result)
-            task.add_done_callback(self._operation_done)
-
-    def _operation_done(self, task: asyncio.Task) -> None:
-        self._busy -= 1
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s: handler failed: %r", self.describe(), task.exception())
-
-    def on_response(self, received: ReceivedMessage) -> None:
-        log.warning("%s: unexpected %s; ignored", self.describe(), received.command.NAME)
 
 
 def _describe_contexts(contexts: dict[int, PresentationContext]) -> str:
@@ -317,47 +351,24 @@ class RequestorAssociation(Association):
         self.network_timeout = network_timeout
         loop = asyncio.get_running_loop()
         self.established: asyncio.Future = loop.create_future()
-        self._responses: asyncio.Queue = asyncio.Queue()
         self.ac = None
 
     def on_associate_confirmation(self, confirmation: AAssociateConfirmation) -> None:
         if not self.established.done():
             self.established.set_result(confirmation)
 
-    def on_message(self, received: ReceivedMessage) -> None:
-        self._responses.put_nowait(received)
-
     def _end(self, reason: str) -> None:
         super()._end(reason)
         if not self.established.done():
             self.established.set_exception(AssociationAborted(reason))
-        self._responses.put_nowait(None)
-
-    async def next_message(self, timeout: float | None = None) -> ReceivedMessage:
-        """The next message from the peer, or ``AssociationError`` if it ended."""
-        timeout = self.dimse_timeout if timeout is None else timeout
-        try:
-            received = await asyncio.wait_for(self._responses.get(), timeout)
-        except asyncio.TimeoutError:
-            self.abort()
-            raise AssociationError(f"no response within {timeout:g} s (DIMSE timeout)") from None
-        if received is None:
-            self._responses.put_nowait(None)
-            raise AssociationAborted(self.end_reason or "association ended")
-        return received
 
     async def request(self, context_id: int, command: Message, data_set=None) -> ReceivedMessage:
         """Send a request and return its (first) response."""
         self.send_message(context_id, command, data_set)
-        return await self.wait_response(command.MessageID)
-
-    async def wait_response(self, message_id: int) -> ReceivedMessage:
-        """The next response to request ``message_id`` (others are dropped with a log line)."""
-        while True:
-            received = await self.next_message()
-            if getattr(received.command, "MessageIDBeingRespondedTo", None) == message_id:
-                return received
-            log.warning("%s: unexpected %s ignored", self.describe(), received.command.NAME)
+        try:
+            return await self.wait_response(command.MessageID)
+        finally:
+            self.done_with(command.MessageID)
 
     async def release(self) -> None:
         """A-RELEASE request; waits for the confirmation (or the end of the association)."""

@@ -161,7 +161,10 @@ async def send_one(association, local: LocalFile, move_originator: tuple[str, in
         ds = pydicom.dcmread(local.path, force=True)
         data = encode_data_set(ds, local.transfer_syntax, context.transfer_syntax)
         association.send_message(context.context_id, command, data)
-    response = await association.wait_response(command.MessageID)
+    try:
+        response = await association.wait_response(command.MessageID)
+    finally:
+        association.done_with(command.MessageID)
     rsp = response.command
     return rsp.Status, rsp.ErrorComment or ""
 

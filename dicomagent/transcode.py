@@ -65,3 +65,27 @@ def encode_data_set(ds: pydicom.Dataset, source: str, target: str) -> bytes:
     buffer.is_little_endian = little
     write_dataset(buffer, ds)
     return buffer.getvalue()
+
+
+def encode(ds: pydicom.Dataset, transfer_syntax: str) -> bytes:
+    """A data set built in memory (an identifier), encoded in an uncompressed syntax."""
+    implicit, little = UNCOMPRESSED.get(transfer_syntax, (False, True))
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR = implicit
+    buffer.is_little_endian = little
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def decode(data: bytes, transfer_syntax: str) -> pydicom.Dataset:
+    """A small data set (an identifier, an N-SET modification list) read from bytes."""
+    from pydicom.filereader import read_dataset
+
+    from dicomagent.archive.structure import check_structure
+    check_structure(data, len(data), transfer_syntax)      # pydicom reads a cut value silently
+    implicit, little = UNCOMPRESSED.get(transfer_syntax, (False, True))
+    buffer = DicomBytesIO(data)
+    ds = read_dataset(buffer, implicit, little)
+    if buffer.tell() != len(data):
+        raise ValueError(f"data set has {len(data) - buffer.tell()} bytes after its end")
+    return ds

@@ -36,6 +36,7 @@ import logging
 import os
 import queue
 import re
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -169,6 +170,11 @@ class Archive:
         self._free_checked_at = 0.0
         self._free_ok = True
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        #: Queries run here, on their own read-only connection (WAL lets them
+        #: read while the worker writes).
+        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                            thread_name_prefix="index-read")
+        self._read_db: sqlite3.Connection | None = None
         self.recover()
         self._worker = threading.Thread(target=self._work, name="archive", daemon=True)
         self._worker.start()
@@ -356,9 +362,21 @@ class Archive:
             os.unlink(path)
             log.info("removed %s (incomplete when the agent stopped)", name)
 
+    # --- queries (on the reader thread) ----------------------------------------------------
+
+    def execute(self, sql: str, params: list) -> sqlite3.Cursor:
+        """Run a query on the read connection (call on ``self.reader``)."""
+        if self._read_db is None:
+            self._read_db = sqlite3.connect(self.index.path, check_same_thread=False)
+            self._read_db.execute("PRAGMA query_only=ON")
+        return self._read_db.execute(sql, params)
+
     def close(self) -> None:
         self._queue.put(None)
         self._worker.join()
+        self.reader.shutdown(wait=True)
+        if self._read_db is not None:
+            self._read_db.close()
         self.index.close()
 
     # --- import from disk --------------------------------------------------------------------
