@@ -130,11 +130,16 @@ class StoreReport:
         self.failures.append((path, reason))
 
 
-def choose_context(association, local: LocalFile):
-    """The accepted context to send ``local`` on: its own syntax first, else one to convert to."""
+def choose_context(association, local: LocalFile, as_acceptor: bool = False):
+    """The accepted context to send ``local`` on: its own syntax first, else one to convert to.
+
+    ``as_acceptor``: we are the association-acceptor sending C-STORE (C-GET
+    sub-operations), so the context must give the requestor the SCP role.
+    """
     convertible = None
     for context in association.contexts.values():
-        if context.abstract_syntax != local.sop_class_uid or not context.requestor_scu:
+        allowed = context.requestor_scp if as_acceptor else context.requestor_scu
+        if context.abstract_syntax != local.sop_class_uid or not allowed:
             continue
         if context.transfer_syntax == local.transfer_syntax:
             return context
@@ -143,10 +148,10 @@ def choose_context(association, local: LocalFile):
     return convertible
 
 
-async def send_one(association, local: LocalFile, move_originator: tuple[str, int] | None = None
-                   ) -> tuple[int, str]:
+async def send_one(association, local: LocalFile, move_originator: tuple[str, int] | None = None,
+                   as_acceptor: bool = False) -> tuple[int, str]:
     """Send one file on an established association; return (status, comment)."""
-    context = choose_context(association, local)
+    context = choose_context(association, local, as_acceptor)
     if context is None:
         return -1, (f"no accepted presentation context for {local.sop_class_uid} "
                     f"in {local.transfer_syntax} or a syntax it converts to")

@@ -40,9 +40,9 @@ class ServiceClass:
 def registry(config=None) -> list[ServiceClass]:
     """Every service class the agent serves, in conformance-statement order."""
     from dicomagent.config import Config
-    from dicomagent.services import storage, verification
+    from dicomagent.services import qr, storage, verification
     config = config or Config()
-    return [verification.SERVICE, storage.service(config.storage)]
+    return [verification.SERVICE, storage.service(config.storage), qr.FIND, qr.MOVE, qr.GET]
 
 
 def acceptor_abstract_syntaxes(services: list[ServiceClass]) -> dict[str, AbstractSyntaxSupport]:

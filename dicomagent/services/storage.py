@@ -109,6 +109,7 @@ def service(settings) -> ServiceClass:
         reference="PS3.4 Annex B",
         sop_classes=dict(sop_classes),
         scp=True,
+        scu=True,           # C-GET sub-operations: the requestor proposes the SCP role
         transfer_syntaxes=ALL_TRANSFER_SYNTAXES if settings.accept_compressed
         else UNCOMPRESSED_TRANSFER_SYNTAXES,
         handlers={C_STORE_RQ: handle_c_store},
