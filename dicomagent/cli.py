@@ -78,6 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "(repeatable; default: each file's own)")
     store.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    for name, text in (("find", "C-FIND SCU: query a peer"),
+                       ("move", "C-MOVE SCU: have a peer send objects to an AE"),
+                       ("get", "C-GET SCU: fetch objects from a peer")):
+        sub = commands.add_parser(name, help=text)
+        _add_scu_options(sub)
+        sub.add_argument("-L", "--level", type=str.upper,
+                         choices=("PATIENT", "STUDY", "SERIES", "IMAGE"),
+                         help="Query/Retrieve Level")
+        sub.add_argument("--model", choices=("study", "patient"), default="study",
+                         help="information model (default study root)")
+        sub.add_argument("-k", "--key", action="append", default=[], metavar="KEY=VALUE",
+                         help="matching key (empty value: return key); keyword or gggg,eeee")
+        if name == "find":
+            sub.add_argument("--json", action="store_true", help="print DICOM JSON (PS3.18 F)")
+            sub.add_argument("--cancel-after", type=int, metavar="N",
+                             help="send C-CANCEL after N matches")
+        if name == "move":
+            sub.add_argument("--dest", "-aem", required=True, metavar="AET",
+                             help="Move Destination AE title")
+        if name == "get":
+            sub.add_argument("--out", "-od", required=True, metavar="DIR",
+                             help="where to write the received objects")
+
     ls = commands.add_parser("ls", help="list what the archive holds")
     _add_local_options(ls)
     ls.add_argument("--level", choices=("study", "series", "instance"), default="study")
@@ -288,7 +311,127 @@ def cmd_import(args) -> int:
     return EXIT_OK if failed == 0 else EXIT_FAILURE_STATUS
 
 
-COMMANDS = {"serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
+def _identifier(args):
+    from dicomagent.qrscu import parse_keys
+    try:
+        return parse_keys(args.key, args.level)
+    except ValueError as error:
+        print(f"dicomagent {args.command}: {error}", file=sys.stderr)
+        return None
+
+
+async def _scu_call(coroutine, command: str):
+    """Run an SCU coroutine; map association failures to exit codes."""
+    from dicomagent.association import AssociationAborted, AssociationError, AssociationRejected
+    try:
+        return await coroutine, EXIT_OK
+    except AssociationRejected as error:
+        print(f"dicomagent {command}: {error}", file=sys.stderr)
+        return None, EXIT_REJECTED
+    except AssociationAborted as error:
+        print(f"dicomagent {command}: {error}", file=sys.stderr)
+        return None, EXIT_ABORTED
+    except AssociationError as error:
+        print(f"dicomagent {command}: {error}", file=sys.stderr)
+        return None, EXIT_NO_CONNECTION
+
+
+def _print_table(datasets) -> None:
+    columns: list = []
+    for ds in datasets:
+        for element in ds:
+            if element.tag not in columns and element.VR != "SQ" and element.tag != 0x00080005:
+                columns.append(element.tag)
+    names = [pydicom_keyword(tag) for tag in columns]
+    rows = [[_cell(ds.get(tag)) for tag in columns] for ds in datasets]
+    widths = [min(40, max([len(n)] + [len(r[i]) for r in rows])) for i, n in enumerate(names)]
+    print("  ".join(n.ljust(w) for n, w in zip(names, widths)))
+    for row in rows:
+        print("  ".join(c[:40].ljust(w) for c, w in zip(row, widths)))
+
+
+def pydicom_keyword(tag) -> str:
+    from pydicom.datadict import keyword_for_tag
+    return keyword_for_tag(tag) or f"{tag:08X}"
+
+
+def _cell(element) -> str:
+    if element is None or element.value is None:
+        return ""
+    value = element.value
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def cmd_find(args) -> int:
+    import json
+    from dicomagent.qrscu import find
+    _setup_logging(args.verbose, logging.WARNING)
+    identifier = _identifier(args)
+    if identifier is None:
+        return EXIT_USAGE
+    result, code = _run(_scu_call(find(args.host, args.port, args.aet, args.aec, identifier,
+                                       args.model, args.timeout,
+                                       cancel_after=args.cancel_after), "find"))
+    if result is None:
+        return code
+    if args.json:
+        print(json.dumps([m.to_json_dict() for m in result.matches], indent=1,
+                         ensure_ascii=False))
+    elif result.matches:
+        _print_table(result.matches)
+    print(f"{len(result.matches)} matches, status 0x{result.status:04X}"
+          f"{' ' + result.comment if result.comment else ''}", file=sys.stderr)
+    return EXIT_OK if result.status in (0x0000, 0xFE00) else EXIT_FAILURE_STATUS
+
+
+def _retrieve_report(result, what: str) -> int:
+    print(f"{what}: status 0x{result.status:04X}{' ' + result.comment if result.comment else ''}"
+          f"; completed {result.completed}, failed {result.failed}, warning {result.warning}")
+    for uid in result.failed_uids:
+        print(f"failed: {uid}", file=sys.stderr)
+    return EXIT_OK if result.status in (0x0000, 0xFE00) else EXIT_FAILURE_STATUS
+
+
+def _progress_printer(what: str):
+    def show(rsp):
+        if sys.stderr.isatty():
+            print(f"\r{what}: {rsp.NumberOfCompletedSuboperations or 0} completed, "
+                  f"{rsp.NumberOfRemainingSuboperations or 0} remaining, "
+                  f"{rsp.NumberOfFailedSuboperations or 0} failed", end="", file=sys.stderr)
+    return show
+
+
+def cmd_move(args) -> int:
+    from dicomagent.qrscu import move
+    _setup_logging(args.verbose, logging.WARNING)
+    identifier = _identifier(args)
+    if identifier is None:
+        return EXIT_USAGE
+    result, code = _run(_scu_call(move(args.host, args.port, args.aet, args.aec, args.dest,
+                                       identifier, args.model, args.timeout,
+                                       _progress_printer("C-MOVE")), "move"))
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    return code if result is None else _retrieve_report(result, "C-MOVE")
+
+
+def cmd_get(args) -> int:
+    from dicomagent.qrscu import get
+    _setup_logging(args.verbose, logging.WARNING)
+    identifier = _identifier(args)
+    if identifier is None:
+        return EXIT_USAGE
+    result, code = _run(_scu_call(get(args.host, args.port, args.aet, args.aec, args.out,
+                                      identifier, args.model, args.timeout,
+                                      _progress_printer("C-GET")), "get"))
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    return code if result is None else _retrieve_report(result, "C-GET")
+
+
+COMMANDS = {"find": cmd_find, "move": cmd_move, "get": cmd_get, "serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
             "import": cmd_import}
 
 
