@@ -113,16 +113,26 @@ class Agent:
         return self.server.sockets[0].getsockname()[1] if self.server else self.config.agent.port
 
     async def stop(self, grace: float = 30.0) -> None:
-        """Stop accepting; let in-flight associations finish (up to ``grace`` s), then abort."""
+        """Stop accepting; let operations in progress finish (up to ``grace`` s).
+
+        An association with no operation in progress is aborted at once (the
+        acceptor cannot release, PS3.8 §7.2); one in the middle of an
+        operation is aborted as soon as that operation is done, or when the
+        grace period ends.
+        """
         if self.server is not None:
             self.server.close()
-        pending = [a.ul.closed for a in self.associations]
-        if pending:
-            log.info("waiting for %d association(s) to finish", len(pending))
-            done, _ = await asyncio.wait(pending, timeout=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.associations:
+            log.info("waiting for %d association(s) to finish", len(self.associations))
+        while self.associations and loop.time() < deadline:
             for association in list(self.associations):
-                if not association.ul.closed.done():
+                if association.idle_timed_out():
                     association.abort()
+            await asyncio.wait([a.ul.closed for a in self.associations], timeout=0.2)
+        for association in list(self.associations):
+            association.abort()
         if self.server is not None:
             await self.server.wait_closed()
         self.archive.close()
