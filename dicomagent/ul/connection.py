@@ -287,6 +287,8 @@ class ULConnection:
         try:
             self._reader.feed(data)
         except PDUDecodeError as error:
+            if self.state is State.Sta1:
+                return
             self.abort_reason = error.reason
             self.abort_detail = f"invalid PDU in {self.state.name}: {error}"
             self.deliver_p_data = False
@@ -300,11 +302,15 @@ class ULConnection:
     # --- callbacks of the PDU reader --------------------------------------------------------
 
     def on_pdu(self, pdu) -> None:
+        if self.state is State.Sta1:
+            return          # the connection ended earlier in this chunk: nothing more counts
         self.abort_reason = AbortReason.UNEXPECTED_PDU
         self.abort_detail = f"unexpected {type(pdu).__name__} in {self.state.name}"
         self._dispatch(PDU_EVENTS[type(pdu)], pdu)
 
     def on_p_data_tf(self) -> None:
+        if self.state is State.Sta1:
+            return
         self.abort_reason = AbortReason.UNEXPECTED_PDU
         self.abort_detail = f"unexpected P_DATA_TF in {self.state.name}"
         self.deliver_p_data = False

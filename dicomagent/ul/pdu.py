@@ -69,9 +69,15 @@ def _ae_title(raw: bytes) -> str:
 
 
 def _encode_ae_title(title: str, field: str) -> bytes:
+    """16 bytes, space padded.
+
+    An empty title is written as 16 spaces: PS3.8 does not allow a blank AE
+    title, but an A-ASSOCIATE-AC echoes whatever the request carried, and a
+    peer that sent a blank one must get an answer, not a crash.
+    """
     data = title.encode("latin-1")
-    if not 0 < len(data) <= 16:
-        raise ValueError(f"{field} must be 1 to 16 characters: {title!r}")
+    if len(data) > 16:
+        raise ValueError(f"{field} must be at most 16 characters: {title!r}")
     return data.ljust(16, b" ")
 
 
