@@ -193,6 +193,8 @@ class Association:
             text = _abort_text(primitive)
             if isinstance(primitive, APAbortIndication) and primitive.reason:
                 log.warning("%s: %s", self.describe(), text)
+            else:
+                log.info("%s: %s", self.describe(), text)
             self._end(text)
 
     def on_associate_indication(self, indication) -> None:

@@ -134,6 +134,8 @@ class ULConnection:
         #: A-ABORT Reason/Diag. and our account of it, for AA-7 / AA-8.
         self.abort_reason = AbortReason.UNEXPECTED_PDU
         self.abort_detail = ""
+        #: Name of the last action taken (e.g. "AA-1"), for the driver's log.
+        self.last_action = ""
 
     # --- outputs, as the actions record them -------------------------------------------
 
@@ -192,6 +194,7 @@ class ULConnection:
         if next_state not in act.next_states:
             raise RuntimeError(f"{act.name} returned {next_state.name}")
         self.state = next_state
+        self.last_action = act.name
         if self.trace is not None:
             self.trace(state, event, act.name, next_state)
 

@@ -87,7 +87,14 @@ class ULTransport(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_received = self._loop.time()
-        self.connection.receive_data(data)
+        connection = self.connection
+        before = connection.state
+        connection.receive_data(data)
+        if before is State.Sta2 and connection.last_action == "AA-1":
+            # Table 9-10 gives no indication for AA-1 in Sta2 (there is no
+            # association yet), so the failure is logged here.
+            log.warning("%s:%s %s (Sta2): A-ABORT sent", *self.peer[:2],
+                        connection.abort_detail)
         self.run()
 
     def eof_received(self):
@@ -189,13 +196,13 @@ class ULTransport(asyncio.Protocol):
     def _check_watchdog(self) -> None:
         """Abort an association whose peer stalled mid-PDU or went idle too long."""
         self._watchdog = None
-        if self.transport is None:
-            return
         connection = self.connection
+        if self.transport is None or connection.state in (State.Sta1, State.Sta13):
+            return      # closing: ARTIM decides (PS3.8 Table 9-10, Evt17/Evt18)
         silent = self._loop.time() - self._last_received
         if (self.network_timeout and not connection.reader_idle
                 and silent >= self.network_timeout):
-            log.warning("%s:%s no data for %.0f s in the middle of a PDU (%s): aborting",
+            log.warning("%s:%s no data for %.1f s in the middle of a PDU (%s): aborting",
                         *self.peer[:2], silent, connection.state.name)
             self.abort()
         elif (self.idle_timeout and connection.state in _ESTABLISHED
