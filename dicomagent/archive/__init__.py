@@ -30,6 +30,7 @@ loop; objects that arrive together are committed in one transaction.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import io
 import logging
@@ -39,6 +40,7 @@ import re
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import pydicom
@@ -175,7 +177,17 @@ class Archive:
         self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                             thread_name_prefix="index-read")
         self._read_db: sqlite3.Connection | None = None
-        self.recover()
+        # Only the first process on a data dir may clean tmp/: a daemon's data sets
+        # in flight are there while `dicomagent ls` or `import` open the archive.
+        self._lock = open(os.path.join(self.data_dir, "archive.lock"), "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        if alone:
+            self.recover()
+        fcntl.flock(self._lock, fcntl.LOCK_SH)
         self._worker = threading.Thread(target=self._work, name="archive", daemon=True)
         self._worker.start()
 
@@ -247,8 +259,12 @@ class Archive:
                     for directory in directories:
                         _fsync_directory(directory)
             except Exception as error:  # noqa: BLE001 - disk or database failure
-                log.exception("archive write failed")
+                log.error("archive write failed: %s", error)
                 self.index.rollback()
+                for job in accepted:
+                    if job.incoming.path:          # not renamed into place
+                        self.index.remove(job.record.sop_instance_uid)
+                self.index.commit()
                 for job in accepted:
                     job.incoming.discard()
                     job.result = StoreResult(OUT_OF_RESOURCES, f"archive write failed: {error}")
@@ -354,7 +370,7 @@ class Archive:
                 row = None
             if row is not None:
                 final = os.path.join(self.data_dir, row["path"])
-                if not os.path.exists(final) and os.path.getsize(path) == row["size"]:
+                if os.path.getsize(path) == row["size"] and _crc32(path) == row["crc32"]:
                     os.makedirs(os.path.dirname(final), exist_ok=True)
                     os.replace(path, final)
                     log.info("recovered %s (stored before a crash)", row["path"])
@@ -378,6 +394,7 @@ class Archive:
         if self._read_db is not None:
             self._read_db.close()
         self.index.close()
+        self._lock.close()
 
     # --- import from disk --------------------------------------------------------------------
 
@@ -403,3 +420,11 @@ def _fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc

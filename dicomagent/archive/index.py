@@ -215,6 +215,9 @@ class SQLiteIndex(Index):
     def add(self, record: InstanceRecord) -> None:
         self._begin()
         db = self.db
+        if db.execute("SELECT 1 FROM instances WHERE SOPInstanceUID = ?",
+                      (record.sop_instance_uid,)).fetchone():
+            self.remove(record.sop_instance_uid)      # prunes the levels it leaves empty
         patient = record.patient
         (patient_key,) = db.execute(self._sql_patient, [patient.get(c) if c != "PatientID" else
                                                          patient.get(c) or ""
