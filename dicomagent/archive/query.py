@@ -122,8 +122,10 @@ def _range_condition(column: str, value: str, params: list) -> str:
         parts.append(f"{column} >= ?")
         params.append(low)
     if high:
-        parts.append(f"({column} <= ? OR substr({column}, 1, {len(high)}) = ?)")
-        params.extend((high, high))
+        # "<= high, or starting with high" is "< high with its last character
+        # incremented": a bound the index can use.
+        parts.append(f"{column} < ?")
+        params.append(high[:-1] + chr(ord(high[-1]) + 1))
     if not parts:
         return "1"
     return f"({column} <> '' AND {' AND '.join(parts)})"

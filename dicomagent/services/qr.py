@@ -26,6 +26,7 @@ from dicomagent.dimse.commands import (C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RS
                                        C_MOVE_RSP, DATA_SET_PRESENT, NO_DATA_SET)
 from dicomagent.dimse.status import StatusCategory, category
 from dicomagent.services import ServiceClass
+from dicomagent.jsonencode import Unsupported, encode_json
 from dicomagent.transcode import decode, encode
 
 log = logging.getLogger("dicomagent.qr")
@@ -58,8 +59,9 @@ def _ae_title_of(association) -> str:
 
 
 def build_response(query, row, identifier: pydicom.Dataset, retrieve_ae_title: str
-                   ) -> pydicom.Dataset | None:
-    """The response identifier for one matching row; None if a sequence key does not match."""
+                   ) -> dict | None:
+    """The response identifier (DICOM JSON) for one matching row; None if a sequence
+    key does not match."""
     joined = len(JOINED[query.level])
     merged: dict = {}
     for blob in row[:joined]:
@@ -92,7 +94,16 @@ def build_response(query, row, identifier: pydicom.Dataset, retrieve_ae_title: s
     out["00080054"] = {"vr": "AE", "Value": [retrieve_ae_title]}
     if "00080005" in merged:
         out["00080005"] = merged["00080005"]
-    return pydicom.Dataset.from_json(out)
+    return out
+
+
+def encode_response(response: dict, transfer_syntax: str) -> bytes:
+    """Encode a response identifier: directly, or through pydicom for what ``jsonencode``
+    leaves to it."""
+    try:
+        return encode_json(response, transfer_syntax)
+    except Unsupported:
+        return encode(pydicom.Dataset.from_json(response), transfer_syntax)
 
 
 async def _rows(association, sql: str, params: list):
@@ -116,13 +127,13 @@ async def handle_c_find(association, context, received) -> None:
     request: C_FIND_RQ = received.command
     message_id = request.MessageID
 
-    def respond(status: int, data: pydicom.Dataset | None = None, comment: str | None = None):
+    def respond(status: int, data: dict | None = None, comment: str | None = None):
         association.send_message(context.context_id, C_FIND_RSP(
             AffectedSOPClassUID=request.AffectedSOPClassUID,
             MessageIDBeingRespondedTo=message_id,
             CommandDataSetType=DATA_SET_PRESENT if data is not None else NO_DATA_SET,
             Status=status, ErrorComment=comment),
-            encode(data, context.transfer_syntax) if data is not None else None)
+            encode_response(data, context.transfer_syntax) if data is not None else None)
 
     try:
         identifier = _read_identifier(received, context)
