@@ -101,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", "-od", required=True, metavar="DIR",
                              help="where to write the received objects")
 
+    commit = commands.add_parser("commit", help="Storage Commitment SCU: ask a peer to "
+                                                "commit to instances")
+    _add_scu_options(commit)
+    commit.add_argument("items", nargs="+", metavar="PATH|UID",
+                        help="DICOM files or folders, or SOP Instance UIDs of the local archive")
+    commit.add_argument("--listen-port", type=int, metavar="PORT",
+                        help="also accept the report on a new association on this port")
+    commit.add_argument("-c", "--config", metavar="CONFIG.toml",
+                        help="configuration (to find the local archive for UIDs)")
+    commit.add_argument("--data-dir", metavar="DIR", help="local archive for UIDs")
+
+    retention = commands.add_parser("retention", help="delete what the retention rule says "
+                                                      "is too old")
+    _add_local_options(retention)
+    retention.add_argument("--dry-run", action="store_true", help="list, do not delete")
+    retention.add_argument("--max-age-days", type=float, help="override retention.max_age_days")
+
     ls = commands.add_parser("ls", help="list what the archive holds")
     _add_local_options(ls)
     ls.add_argument("--level", choices=("study", "series", "instance"), default="study")
@@ -431,7 +448,90 @@ def cmd_get(args) -> int:
     return code if result is None else _retrieve_report(result, "C-GET")
 
 
-COMMANDS = {"find": cmd_find, "move": cmd_move, "get": cmd_get, "serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
+def _commit_references(args) -> list[tuple[str, str]] | None:
+    """(SOP Class, SOP Instance) of each PATH (file or folder) or UID (looked up locally)."""
+    import os
+    import sqlite3
+    from dicomagent.store import scan
+    references = []
+    uids = [item for item in args.items if not os.path.exists(item)]
+    files, skipped = scan([item for item in args.items if os.path.exists(item)])
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    references += [(f.sop_class_uid, f.sop_instance_uid) for f in files]
+    if uids:
+        config = load_with_overrides(args)
+        index = os.path.join(config.agent.data_dir, "index.sqlite")
+        if not os.path.exists(index):
+            print(f"dicomagent commit: {', '.join(uids)}: no such file, and no archive in "
+                  f"{config.agent.data_dir} to look UIDs up", file=sys.stderr)
+            return None
+        db = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+        try:
+            for uid in uids:
+                row = db.execute("SELECT SOPClassUID FROM instances WHERE SOPInstanceUID = ?",
+                                 (uid,)).fetchone()
+                if row is None:
+                    print(f"dicomagent commit: {uid}: not a file, nor in the archive",
+                          file=sys.stderr)
+                    return None
+                references.append((row[0], uid))
+        finally:
+            db.close()
+    return references
+
+
+def cmd_commit(args) -> int:
+    from dicomagent.commit import commit
+    _setup_logging(args.verbose, logging.WARNING)
+    try:
+        references = _commit_references(args)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not references:
+        return EXIT_USAGE
+    result, code = _run(_scu_call(commit(args.host, args.port, args.aet, args.aec, references,
+                                         args.timeout, args.listen_port), "commit"))
+    if result is None:
+        return code
+    if result.status != 0:
+        print(f"dicomagent commit: N-ACTION-RSP status 0x{result.status:04X}", file=sys.stderr)
+        return EXIT_FAILURE_STATUS
+    for sop_class, sop_instance in result.committed:
+        print(f"committed {sop_instance}")
+    for sop_class, sop_instance, reason in result.failed:
+        print(f"failed    {sop_instance} (Failure Reason 0x{reason:04X})")
+    print(f"transaction {result.transaction_uid}: {len(result.committed)} committed, "
+          f"{len(result.failed)} failed (report on the {result.delivered_on})", file=sys.stderr)
+    return EXIT_OK if not result.failed else EXIT_FAILURE_STATUS
+
+
+def cmd_retention(args) -> int:
+    from dicomagent.retention import apply_retention
+    try:
+        config = load_with_overrides(args)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.max_age_days is not None:
+        config.retention.max_age_days = args.max_age_days
+    if not config.retention.max_age_days:
+        print("dicomagent retention: no rule (retention.max_age_days is 0)", file=sys.stderr)
+        return EXIT_OK
+    archive = _open_archive(args)
+    try:
+        uids = apply_retention(archive, config.retention, dry_run=args.dry_run)
+    finally:
+        archive.close()
+    for uid in uids:
+        print(uid)
+    print(f"{'would delete' if args.dry_run else 'deleted'} {len(uids)} instances",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS = {"commit": cmd_commit, "retention": cmd_retention, "find": cmd_find, "move": cmd_move, "get": cmd_get, "serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
             "import": cmd_import}
 
 

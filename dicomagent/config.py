@@ -82,6 +82,18 @@ class StorageConfig:
 
 
 @dataclass
+class RetentionConfig:
+    #: Delete instances received more than this many days ago; 0 = keep everything.
+    max_age_days: float = 0.0
+    #: Only instances sent by these calling AE titles (empty: from anyone).
+    calling_ae_titles: list[str] = field(default_factory=list)
+    #: Only instances whose storage has been committed (storage commitment).
+    only_committed: bool = False
+    #: How often the daemon applies the rule, in hours.
+    interval_hours: float = 1.0
+
+
+@dataclass
 class Peer:
     ae_title: str
     host: str
@@ -92,6 +104,7 @@ class Peer:
 class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     peers: dict[str, Peer] = field(default_factory=dict)
 
     # Shortcuts used everywhere.
@@ -131,8 +144,8 @@ def _convert(value, hint, key: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -181,6 +194,11 @@ def validate(config: Config) -> Config:
         raise ConfigError("agent.max_pdu_send_length: at least 4096")
     if not agent.transfer_syntax_order:
         raise ConfigError("agent.transfer_syntax_order: must name at least one transfer syntax")
+    for name in ("artim", "dimse", "network"):
+        if getattr(agent.timeouts, name) <= 0:
+            raise ConfigError(f"agent.timeouts.{name}: must be positive")
+    if config.retention.interval_hours <= 0:
+        raise ConfigError("retention.interval_hours: must be positive")
     if config.storage.on_duplicate not in ("keep", "replace"):
         raise ConfigError(f"storage.on_duplicate: \"keep\" or \"replace\", "
                           f"not {config.storage.on_duplicate!r}")

@@ -57,6 +57,8 @@ class Agent:
             known_calling_aets=known,
             maximum_length_received=agent.max_pdu_length)
         self._negotiated: dict = {}
+        from dicomagent.services.commitment import Reporter
+        self.reporter = Reporter(self)
         self.send_cap = agent.max_pdu_send_length
         self.log_contexts = agent.log_contexts
         self.associations: set[AcceptorAssociation] = set()
@@ -106,6 +108,12 @@ class Agent:
                                                reuse_address=True, backlog=512)
         log.info("listening on %s:%d as %s (data dir %s)", agent.host, self.port,
                  agent.ae_title, agent.data_dir)
+        self.reporter.start()
+        self._retention = None
+        if self.config.retention.max_age_days:
+            from dicomagent.retention import retention_loop
+            self._retention = asyncio.get_running_loop().create_task(
+                retention_loop(self.archive, self.config.retention))
 
     @property
     def port(self) -> int:
@@ -135,6 +143,9 @@ class Agent:
             association.abort()
         if self.server is not None:
             await self.server.wait_closed()
+        await self.reporter.stop()
+        if getattr(self, "_retention", None) is not None:
+            self._retention.cancel()
         self.archive.close()
 
     async def serve_forever(self) -> None:

@@ -157,6 +157,24 @@ class _Job:
         self.old_path = ""
 
 
+class _Call:
+    __slots__ = ("function", "args", "future")
+
+    def __init__(self, function, args, future):
+        self.function = function
+        self.args = args
+        self.future = future
+
+    def run(self, archive) -> None:
+        try:
+            result = self.function(archive, *self.args)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            archive.index.rollback()
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+
+
 class Archive:
     """The file store and the index, with the worker thread that writes both."""
 
@@ -218,22 +236,41 @@ class Archive:
 
     # --- the worker thread ---------------------------------------------------------------
 
+    def call(self, function, *args) -> concurrent.futures.Future:
+        """Run ``function(index, *args)`` on the worker thread, in order with the stores.
+
+        For everything else that writes the index (storage commitment, retention):
+        the index has one writer.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put(_Call(function, args, future))
+        return future
+
     def _work(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
+            if type(job) is _Call:
+                job.run(self)
+                continue
             batch = [job]
             while len(batch) < 64:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._queue.put(None)
+                if more is None or type(more) is _Call:
+                    self._store_batch(batch)
+                    batch = []
+                    if more is None:
+                        self._queue.put(None)
+                        return
+                    more.run(self)
                     break
                 batch.append(more)
-            self._store_batch(batch)
+            if batch:
+                self._store_batch(batch)
 
     def _store_batch(self, batch: list[_Job]) -> None:
         accepted = []
@@ -355,6 +392,52 @@ class Archive:
             except FileNotFoundError:
                 pass
         return directory
+
+    # --- storage commitment and retention (on the worker thread, through ``call``) -----------
+
+    def verify(self, sop_class_uid: str, sop_instance_uid: str) -> int:
+        """PS3.4 J.3.3: can the archive commit to this instance? 0, or a Failure Reason.
+
+        0x0112 no such object instance; 0x0119 class/instance conflict; 0x0110
+        processing failure (file missing, unreadable, or not what was received:
+        its CRC-32 no longer matches the one kept at store time).
+        """
+        row = self.index.lookup(sop_instance_uid)
+        if row is None:
+            return 0x0112
+        if row["SOPClassUID"] != sop_class_uid:
+            return 0x0119
+        path = os.path.join(self.data_dir, row["path"])
+        try:
+            if os.path.getsize(path) != row["size"] or _crc32(path) != row["crc32"]:
+                log.warning("storage commitment: %s differs from what was stored", row["path"])
+                return 0x0110
+        except OSError as error:
+            log.warning("storage commitment: %s unreadable: %s", row["path"], error.strerror)
+            return 0x0110
+        return 0
+
+    def delete(self, sop_instance_uid: str) -> bool:
+        """Remove an instance, file and index rows together (crash-safe).
+
+        The file is first renamed into ``tmp/`` (where ``recover`` puts it
+        back if the index row survives a crash), then the row is deleted and
+        committed, then the file is removed.
+        """
+        row = self.index.lookup(sop_instance_uid)
+        if row is None:
+            return False
+        path = os.path.join(self.data_dir, row["path"])
+        parked = os.path.join(self.tmp_dir, f"{safe_uid(sop_instance_uid)}.deleting")
+        try:
+            os.replace(path, parked)
+        except FileNotFoundError:
+            parked = ""
+        self.index.remove(sop_instance_uid)
+        self.index.commit()
+        if parked:
+            os.unlink(parked)
+        return True
 
     # --- start-up and shutdown -------------------------------------------------------------
 

@@ -78,6 +78,75 @@ class Index:
     def rollback(self) -> None:
         raise NotImplementedError
 
+    # --- storage commitment (PS3.4 Annex J) and retention ---------------------------------
+
+    def add_commitment(self, transaction_uid: str, calling_ae_title: str, received_at: float,
+                       references: list[tuple[str, str]]) -> None:
+        """Record an N-ACTION request (durably, before it is answered)."""
+        self._begin()
+        self.db.execute(
+            "INSERT INTO commitments (transaction_uid, calling_ae_title, received_at, request, "
+            "state) VALUES (?, ?, ?, ?, 'pending') ON CONFLICT(transaction_uid) DO UPDATE SET "
+            "calling_ae_title=excluded.calling_ae_title, received_at=excluded.received_at, "
+            "request=excluded.request, result=NULL, state='pending', attempts=0, "
+            "next_attempt=0, last_error=NULL",
+            (transaction_uid, calling_ae_title, received_at,
+             msgpack.packb([list(r) for r in references])))
+        self.commit()
+
+    def set_commitment_result(self, transaction_uid: str, committed: list, failed: list,
+                              now: float) -> None:
+        """The archive's answer: committed [class, instance] and failed [class, instance, reason]."""
+        self._begin()
+        self.db.execute("UPDATE commitments SET result = ? WHERE transaction_uid = ?",
+                        (msgpack.packb({"committed": committed, "failed": failed}),
+                         transaction_uid))
+        self.db.executemany("UPDATE instances SET committed_at = ? WHERE SOPInstanceUID = ? "
+                            "AND committed_at IS NULL", [(now, uid) for _, uid in committed])
+        self.commit()
+
+    def commitment_reported(self, transaction_uid: str) -> None:
+        self._begin()
+        self.db.execute("UPDATE commitments SET state = 'reported', last_error = NULL "
+                        "WHERE transaction_uid = ?", (transaction_uid,))
+        self.commit()
+
+    def commitment_retry(self, transaction_uid: str, next_attempt: float, error: str) -> None:
+        self._begin()
+        self.db.execute("UPDATE commitments SET attempts = attempts + 1, next_attempt = ?, "
+                        "last_error = ? WHERE transaction_uid = ?",
+                        (next_attempt, error, transaction_uid))
+        self.commit()
+
+    def commitments(self, state: str | None = "pending") -> list[dict]:
+        """Commitment requests (all, or in one state), oldest first, unpacked."""
+        sql = ("SELECT transaction_uid, calling_ae_title, received_at, request, result, state, "
+               "attempts, next_attempt, last_error FROM commitments")
+        params: tuple = ()
+        if state is not None:
+            sql += " WHERE state = ?"
+            params = (state,)
+        rows = []
+        for row in self.db.execute(sql + " ORDER BY received_at", params):
+            record = dict(zip(("transaction_uid", "calling_ae_title", "received_at", "request",
+                               "result", "state", "attempts", "next_attempt", "last_error"), row))
+            record["request"] = msgpack.unpackb(record["request"])
+            record["result"] = msgpack.unpackb(record["result"]) if record["result"] else None
+            rows.append(record)
+        return rows
+
+    def expired(self, received_before: float, calling_ae_titles: list[str] | None = None,
+                only_committed: bool = False) -> list[str]:
+        """SOP Instance UIDs received before a time (the retention rule)."""
+        sql = "SELECT SOPInstanceUID FROM instances WHERE received_at < ?"
+        params: list = [received_before]
+        if calling_ae_titles:
+            sql += f" AND calling_ae_title IN ({', '.join('?' * len(calling_ae_titles))})"
+            params += calling_ae_titles
+        if only_committed:
+            sql += " AND committed_at IS NOT NULL"
+        return [uid for (uid,) in self.db.execute(sql + " ORDER BY received_at", params)]
+
     def list(self, level: str) -> list[dict]:
         """Rows for ``dicomagent ls``: level is "study", "series" or "instance"."""
         raise NotImplementedError
@@ -128,8 +197,21 @@ CREATE TABLE IF NOT EXISTS instances (
     transfer_syntax TEXT NOT NULL,
     received_at REAL NOT NULL,
     calling_ae_title TEXT,
-    crc32 INTEGER
+    crc32 INTEGER,
+    committed_at REAL
 );
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT PRIMARY KEY,
+    calling_ae_title TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    request BLOB NOT NULL,
+    result BLOB,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
 CREATE INDEX IF NOT EXISTS patients_name ON patients(PatientName);
 CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_key);
 CREATE INDEX IF NOT EXISTS studies_date ON studies(StudyDate);
@@ -255,6 +337,75 @@ class SQLiteIndex(Index):
                    "(SELECT 1 FROM series WHERE StudyInstanceUID = ?)", (study_uid, study_uid))
         db.execute("DELETE FROM patients WHERE NOT EXISTS "
                    "(SELECT 1 FROM studies WHERE studies.patient_key = patients.patient_key)")
+
+    # --- storage commitment (PS3.4 Annex J) and retention ---------------------------------
+
+    def add_commitment(self, transaction_uid: str, calling_ae_title: str, received_at: float,
+                       references: list[tuple[str, str]]) -> None:
+        """Record an N-ACTION request (durably, before it is answered)."""
+        self._begin()
+        self.db.execute(
+            "INSERT INTO commitments (transaction_uid, calling_ae_title, received_at, request, "
+            "state) VALUES (?, ?, ?, ?, 'pending') ON CONFLICT(transaction_uid) DO UPDATE SET "
+            "calling_ae_title=excluded.calling_ae_title, received_at=excluded.received_at, "
+            "request=excluded.request, result=NULL, state='pending', attempts=0, "
+            "next_attempt=0, last_error=NULL",
+            (transaction_uid, calling_ae_title, received_at,
+             msgpack.packb([list(r) for r in references])))
+        self.commit()
+
+    def set_commitment_result(self, transaction_uid: str, committed: list, failed: list,
+                              now: float) -> None:
+        """The archive's answer: committed [class, instance] and failed [class, instance, reason]."""
+        self._begin()
+        self.db.execute("UPDATE commitments SET result = ? WHERE transaction_uid = ?",
+                        (msgpack.packb({"committed": committed, "failed": failed}),
+                         transaction_uid))
+        self.db.executemany("UPDATE instances SET committed_at = ? WHERE SOPInstanceUID = ? "
+                            "AND committed_at IS NULL", [(now, uid) for _, uid in committed])
+        self.commit()
+
+    def commitment_reported(self, transaction_uid: str) -> None:
+        self._begin()
+        self.db.execute("UPDATE commitments SET state = 'reported', last_error = NULL "
+                        "WHERE transaction_uid = ?", (transaction_uid,))
+        self.commit()
+
+    def commitment_retry(self, transaction_uid: str, next_attempt: float, error: str) -> None:
+        self._begin()
+        self.db.execute("UPDATE commitments SET attempts = attempts + 1, next_attempt = ?, "
+                        "last_error = ? WHERE transaction_uid = ?",
+                        (next_attempt, error, transaction_uid))
+        self.commit()
+
+    def commitments(self, state: str | None = "pending") -> list[dict]:
+        """Commitment requests (all, or in one state), oldest first, unpacked."""
+        sql = ("SELECT transaction_uid, calling_ae_title, received_at, request, result, state, "
+               "attempts, next_attempt, last_error FROM commitments")
+        params: tuple = ()
+        if state is not None:
+            sql += " WHERE state = ?"
+            params = (state,)
+        rows = []
+        for row in self.db.execute(sql + " ORDER BY received_at", params):
+            record = dict(zip(("transaction_uid", "calling_ae_title", "received_at", "request",
+                               "result", "state", "attempts", "next_attempt", "last_error"), row))
+            record["request"] = msgpack.unpackb(record["request"])
+            record["result"] = msgpack.unpackb(record["result"]) if record["result"] else None
+            rows.append(record)
+        return rows
+
+    def expired(self, received_before: float, calling_ae_titles: list[str] | None = None,
+                only_committed: bool = False) -> list[str]:
+        """SOP Instance UIDs received before a time (the retention rule)."""
+        sql = "SELECT SOPInstanceUID FROM instances WHERE received_at < ?"
+        params: list = [received_before]
+        if calling_ae_titles:
+            sql += f" AND calling_ae_title IN ({', '.join('?' * len(calling_ae_titles))})"
+            params += calling_ae_titles
+        if only_committed:
+            sql += " AND committed_at IS NOT NULL"
+        return [uid for (uid,) in self.db.execute(sql + " ORDER BY received_at", params)]
 
     def list(self, level: str) -> list[dict]:
         queries = {

@@ -40,9 +40,10 @@ class ServiceClass:
 def registry(config=None) -> list[ServiceClass]:
     """Every service class the agent serves, in conformance-statement order."""
     from dicomagent.config import Config
-    from dicomagent.services import qr, storage, verification
+    from dicomagent.services import commitment, qr, storage, verification
     config = config or Config()
-    return [verification.SERVICE, storage.service(config.storage), qr.FIND, qr.MOVE, qr.GET]
+    return [verification.SERVICE, storage.service(config.storage), qr.FIND, qr.MOVE, qr.GET,
+            commitment.SERVICE]
 
 
 def acceptor_abstract_syntaxes(services: list[ServiceClass]) -> dict[str, AbstractSyntaxSupport]:

@@ -1,0 +1,158 @@
+"""Storage Commitment Push Model SCU: ``dicomagent commit`` (PS3.4 J.3, SCU side).
+
+Sends N-ACTION-RQ "Request Storage Commitment" for some instances and waits
+for the N-EVENT-REPORT, on the same association or, with ``listen_port``, on
+an association the SCP opens to us (we accept it as the SCU of the Storage
+Commitment Push Model, the SCP having proposed the SCP role).
+
+References
+----------
+PS3.4 J.3.2 (N-ACTION), J.3.3 (N-EVENT-REPORT), J.4 (SCU behaviour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from dicomagent.association import AcceptorAssociation, AssociationError, associate
+from dicomagent.config import Config
+from dicomagent.dimse.commands import (DATA_SET_PRESENT, N_ACTION_RQ, N_EVENT_REPORT_RQ,
+                                       N_EVENT_REPORT_RSP)
+from dicomagent.services.commitment import (REQUEST_STORAGE_COMMITMENT,
+                                            STORAGE_COMMITMENT_INSTANCE,
+                                            STORAGE_COMMITMENT_PUSH_MODEL)
+from dicomagent.transcode import decode, encode
+from dicomagent.ul.negotiation import (AbstractSyntaxSupport, AcceptorPolicy, ProposedContext,
+                                       accepted_contexts, negotiate)
+from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
+
+log = logging.getLogger("dicomagent.commit")
+
+
+@dataclass
+class CommitResult:
+    transaction_uid: str
+    status: int = 0
+    committed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, int]] = field(default_factory=list)
+    #: "same association" or "new association"
+    delivered_on: str = ""
+
+
+def request_data_set(transaction_uid: str, references: list[tuple[str, str]]) -> pydicom.Dataset:
+    """PS3.4 Table J.3-1: Transaction UID and Referenced SOP Sequence."""
+    ds = pydicom.Dataset()
+    ds.TransactionUID = transaction_uid
+    items = []
+    for sop_class, sop_instance in references:
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+def _read_report(ds: pydicom.Dataset, result: CommitResult) -> None:
+    for item in ds.get("ReferencedSOPSequence", []) or []:
+        result.committed.append((item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID))
+    for item in ds.get("FailedSOPSequence", []) or []:
+        result.failed.append((item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID,
+                              int(item.get("FailureReason", 0x0110))))
+
+
+class _ReportListener:
+    """The little acceptor that takes the SCP's report association (what
+    ``AcceptorAssociation`` needs of an agent, and no more)."""
+
+    def __init__(self, ae_title: str, on_report):
+        self.config = Config()
+        self.config.agent.ae_title = ae_title
+        self.config.agent.timeouts.dimse = 60.0
+        self.policy = AcceptorPolicy(ae_title=ae_title, abstract_syntaxes={
+            STORAGE_COMMITMENT_PUSH_MODEL: AbstractSyntaxSupport(scp=False, scu=True)})
+        self.handlers = {(N_EVENT_REPORT_RQ, STORAGE_COMMITMENT_PUSH_MODEL): on_report}
+        self.sinks: dict = {}
+        self.send_cap = 1 << 20
+        self.log_contexts = False
+
+    def negotiate(self, rq):
+        response = negotiate(rq, self.policy)
+        contexts = accepted_contexts(rq, response.ac) if response.ac is not None else {}
+        return response, contexts
+
+    def provider_check(self, rq):
+        return None
+
+
+async def commit(host: str, port: int, calling: str, called: str,
+                 references: list[tuple[str, str]], timeout: float = 60.0,
+                 listen_port: int | None = None, listen_host: str = "0.0.0.0") -> CommitResult:
+    """Request storage commitment and wait (``timeout`` s) for the report."""
+    result = CommitResult(generate_uid())
+    loop = asyncio.get_running_loop()
+    report: asyncio.Future = loop.create_future()
+
+    def on_report(association, context, received) -> None:
+        request: N_EVENT_REPORT_RQ = received.command
+        status = 0x0000
+        try:
+            ds = decode(received.data_set or b"", context.transfer_syntax)
+            if str(ds.get("TransactionUID", "")) != result.transaction_uid:
+                status = 0x0110
+        except Exception:  # noqa: BLE001 - a report we cannot read
+            status = 0x0110
+            ds = None
+        association.send_message(context.context_id, N_EVENT_REPORT_RSP(
+            AffectedSOPClassUID=STORAGE_COMMITMENT_PUSH_MODEL,
+            MessageIDBeingRespondedTo=request.MessageID, Status=status,
+            AffectedSOPInstanceUID=STORAGE_COMMITMENT_INSTANCE,
+            EventTypeID=request.EventTypeID))
+        if status == 0 and not report.done():
+            report.set_result((ds, association))
+
+    server = None
+    if listen_port is not None:
+        listener = _ReportListener(calling, on_report)
+        server = await loop.create_server(lambda: AcceptorAssociation(listener).ul,
+                                          listen_host, listen_port, reuse_address=True)
+    try:
+        association = await associate(host, port, calling, called,
+                                      [ProposedContext(STORAGE_COMMITMENT_PUSH_MODEL,
+                                                       UNCOMPRESSED_TRANSFER_SYNTAXES)],
+                                      artim_timeout=timeout, dimse_timeout=timeout,
+                                      network_timeout=timeout)
+        association.handlers[(N_EVENT_REPORT_RQ, STORAGE_COMMITMENT_PUSH_MODEL)] = on_report
+        try:
+            context = association.context_for(STORAGE_COMMITMENT_PUSH_MODEL)
+            response = await association.request(context.context_id, N_ACTION_RQ(
+                RequestedSOPClassUID=STORAGE_COMMITMENT_PUSH_MODEL,
+                MessageID=association.next_message_id(), CommandDataSetType=DATA_SET_PRESENT,
+                RequestedSOPInstanceUID=STORAGE_COMMITMENT_INSTANCE,
+                ActionTypeID=REQUEST_STORAGE_COMMITMENT),
+                encode(request_data_set(result.transaction_uid, references),
+                       context.transfer_syntax))
+            result.status = response.command.Status
+            if result.status != 0:
+                return result
+            if listen_port is not None:
+                # Let the SCP report on a new association, as many do.
+                await association.release()
+            try:
+                ds, carrier = await asyncio.wait_for(asyncio.shield(report), timeout)
+            except asyncio.TimeoutError:
+                raise AssociationError(f"no N-EVENT-REPORT within {timeout:g} s") from None
+            result.delivered_on = ("same association" if carrier is association
+                                   else "new association")
+            _read_report(ds, result)
+        finally:
+            await association.release()
+    finally:
+        if server is not None:
+            server.close()
+    return result
