@@ -279,6 +279,15 @@ def _open_archive(args):
 
 def cmd_ls(args) -> int:
     import json
+    import os
+    try:
+        config = load_with_overrides(args)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.exists(os.path.join(config.agent.data_dir, "index.sqlite")):
+        print(f"dicomagent ls: no archive in {config.agent.data_dir}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         archive = _open_archive(args)
     except ConfigError as error:

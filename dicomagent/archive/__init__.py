@@ -303,8 +303,10 @@ class Archive:
                         self.index.remove(job.record.sop_instance_uid)
                 self.index.commit()
                 for job in accepted:
-                    job.incoming.discard()
-                    job.result = StoreResult(OUT_OF_RESOURCES, f"archive write failed: {error}")
+                    if job.incoming.path:          # only what is not in place failed
+                        job.incoming.discard()
+                        job.result = StoreResult(OUT_OF_RESOURCES,
+                                                 f"archive write failed: {error}")
         for job in batch:
             job.future.set_result(job.result)
 

@@ -1,0 +1,847 @@
+#!/usr/bin/env python3
+"""Storage throughput benchmark: dicomagent beside DCMTK storescp and Orthanc.
+
+Generates a synthetic corpus, then sends it with DCMTK's ``storescu`` (one association per
+run, the same command for every server) to each server in turn, on 127.0.0.1:
+
+- ``dicomagent serve`` with ``storage.fsync = false`` and with ``storage.fsync = true``;
+- DCMTK ``storescp`` (single process, no fsync);
+- Orthanc (Debian package ``orthanc``; its default ``SyncStorageArea`` fsyncs every file).
+
+Workloads: "ct", 300 CT Image Storage objects of 512x512 16-bit (about 157 MB, one study), and
+"small", 2,000 Secondary Capture objects of a few KiB (64x64 8-bit) over a few studies. It
+prints objects/s, MB/s (10^6 bytes of the Part 10 files sent) and the server's CPU seconds,
+median over the rounds, and the ratios of dicomagent to storescp and to Orthanc.
+
+    python3 bench/store.py [--ct 300] [--small 2000] [--rounds 3] [--corpus DIR]
+                           [--servers LIST] [--json FILE] [--quick] [--keep-logs DIR]
+
+Every run starts its server afresh on an empty storage directory and checks afterwards
+that the server holds every object of the workload (storescu exit 0 and the server's own
+count): a run that loses an object fails the benchmark. Before each timed run the first
+object of the workload is sent once on its own association (the timed run replaces it:
+``on_duplicate = "replace"``, ``OverwriteInstances``), so that nobody's first-use costs
+land in the figures. Servers take turns in an order rotated every round, and after each
+run the file system is synced, so that write-back of one run does not slow the next.
+
+Storage directories are kept until the end (about rounds x servers x corpus size on
+disk), not removed after each run: ext4's inode allocator skips inodes freed in the last
+minutes (``recently_deleted``), so after thousands of deletions creating a file costs
+about a millisecond of kernel time, more than a small C-STORE itself, and the figures
+drift from round to round. ``--delete-each`` removes them after each run instead (chosen
+by itself when the disk is short).
+
+Timing is the wall clock of the ``storescu`` process (start, scan of the folder, the
+association, release); server CPU is utime+stime of the server process (all its threads)
+from /proc/PID/stat, read just before and just after the timed ``storescu``.
+
+Needs pydicom and numpy (for the corpus), DCMTK (``storescu``, ``storescp``) and Orthanc.
+Traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+CORPUS_VERSION = 1          # bump when the generator changes: a reused --corpus is regenerated
+CALLING_AE_TITLE = "BENCHSCU"
+ORTHANC = "/usr/sbin/Orthanc"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+#: Server slots, in the order of the table. ``kind`` picks how it is started and counted.
+SERVERS = {
+    "dicomagent-nofsync": {"kind": "dicomagent", "label": "dicomagent (fsync off)", "fsync": False},
+    "dicomagent-fsync": {"kind": "dicomagent", "label": "dicomagent (fsync on)", "fsync": True},
+    "storescp": {"kind": "storescp", "label": "DCMTK storescp"},
+    "orthanc": {"kind": "orthanc", "label": "Orthanc"},
+}
+WORKLOADS = ("ct", "small")
+
+
+class BenchError(Exception):
+    """A server failed to start, lost objects, or a run did not go as it should."""
+
+
+# --- the corpus ---------------------------------------------------------------------------
+
+
+def _uid_factory(seed: int):
+    """Deterministic UUID-derived UIDs (PS3.5 §B.2: ``2.25.`` + a 128-bit integer)."""
+    import uuid
+
+    counter = iter(range(1, 1 << 62))
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"dicomagent/bench/store/{seed}")
+
+    def make() -> str:
+        return "2.25.%d" % uuid.uuid5(namespace, str(next(counter))).int
+
+    return make
+
+
+def _base_dataset(sop_class: str, sop_instance: str, study: dict, series: dict):
+    """The patient, study, series and SOP common attributes every object shares."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = "2.25.31898174427430335436414862612934311681"
+    meta.ImplementationVersionName = "DA_BENCH_STORE"
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = study["image_type"]
+    ds.InstanceCreationDate = study["date"]
+    ds.InstanceCreationTime = study["time"]
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study["date"]
+    ds.StudyTime = ds.SeriesTime = study["time"]
+    ds.AccessionNumber = study["accession"]
+    ds.Modality = series["modality"]
+    ds.Manufacturer = "dicomagent bench"
+    ds.InstitutionName = "Synthetic General Hospital"
+    ds.ReferringPhysicianName = "Referrer^Rita"
+    ds.StationName = "BENCH01"
+    ds.StudyDescription = study["description"]
+    ds.SeriesDescription = series["description"]
+    ds.ManufacturerModelName = "bench/store.py"
+    ds.PatientName = study["patient_name"]
+    ds.PatientID = study["patient_id"]
+    ds.PatientBirthDate = study["birth_date"]
+    ds.PatientSex = study["sex"]
+    ds.PatientAge = study["age"]
+    ds.StudyInstanceUID = study["uid"]
+    ds.SeriesInstanceUID = series["uid"]
+    ds.StudyID = study["id"]
+    ds.SeriesNumber = series["number"]
+    return ds
+
+
+def _save(ds, path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path.stat().st_size
+
+
+def generate_ct(directory: Path, count: int) -> dict:
+    """``count`` axial CT slices of one series: 512x512, 16-bit signed, Explicit VR LE."""
+    import numpy as np
+
+    uid = _uid_factory(1)
+    rng = np.random.default_rng(20240601)
+    study = {
+        "uid": uid(), "date": "20240601", "time": "101500", "accession": "BENCHCT0001",
+        "description": "CT CHEST ABDOMEN PELVIS W/O CONTRAST", "patient_name": "Bench^Ct^Patient",
+        "patient_id": "BENCH-CT-0001", "birth_date": "19640229", "sex": "F", "age": "060Y",
+        "id": "1001", "image_type": ["ORIGINAL", "PRIMARY", "AXIAL"],
+    }
+    series = {"uid": uid(), "modality": "CT", "description": "Axial 1.25mm STANDARD", "number": 2}
+    frame_of_reference = uid()
+    rows = columns = 512
+    spacing = 0.78125
+    # A body-shaped ellipse of soft tissue (~40 HU) in air (-1000 HU), stored with
+    # RescaleIntercept -1024, plus a little noise that changes from slice to slice.
+    y, x = np.mgrid[0:rows, 0:columns]
+    body = ((x - 256) / 230.0) ** 2 + ((y - 270) / 170.0) ** 2 <= 1.0
+    base = np.where(body, 1064, 24).astype(np.int16)
+    total = 0
+    for i in range(count):
+        sop_instance = uid()
+        ds = _base_dataset(CT_IMAGE_STORAGE, sop_instance, study, series)
+        ds.FrameOfReferenceUID = frame_of_reference
+        ds.PositionReferenceIndicator = ""
+        ds.BodyPartExamined = "CHEST"
+        ds.SliceThickness = "1.25"
+        ds.KVP = "120"
+        ds.DataCollectionDiameter = "500"
+        ds.ReconstructionDiameter = "400"
+        ds.GantryDetectorTilt = "0"
+        ds.TableHeight = "150"
+        ds.RotationDirection = "CW"
+        ds.ExposureTime = "500"
+        ds.XRayTubeCurrent = "250"
+        ds.Exposure = "125"
+        ds.ConvolutionKernel = "STANDARD"
+        ds.PatientPosition = "FFS"
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = i + 1
+        z = -100.0 - 1.25 * i
+        ds.ImagePositionPatient = [-200.0, -200.0, z]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceLocation = f"{z:.2f}"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = columns
+        ds.PixelSpacing = [spacing, spacing]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        noise = rng.integers(-20, 21, size=(rows, columns), dtype=np.int16)
+        ds.PixelData = (base + noise).tobytes()
+        ds["PixelData"].VR = "OW"
+        total += _save(ds, directory / f"CT{i + 1:05d}.dcm")
+    return {"objects": count, "bytes": total, "studies": 1,
+            "sop_class": CT_IMAGE_STORAGE, "what": "CT Image Storage 512x512 16-bit"}
+
+
+def generate_small(directory: Path, count: int, studies: int = 8, series_per_study: int = 2) -> dict:
+    """``count`` Secondary Capture objects of 64x64 8-bit (~5 KiB each), over a few studies."""
+    import numpy as np
+
+    uid = _uid_factory(2)
+    rng = np.random.default_rng(20240602)
+    studies = max(1, min(studies, count))
+    groups = []
+    for s in range(studies):
+        study = {
+            "uid": uid(), "date": f"202406{s % 28 + 1:02d}", "time": "083000",
+            "accession": f"BENCHSC{s + 1:04d}", "description": "Screen captures",
+            "patient_name": f"Bench^Small^{s + 1}", "patient_id": f"BENCH-SC-{s + 1:04d}",
+            "birth_date": "19800101", "sex": "O", "age": "044Y", "id": str(2000 + s),
+            "image_type": ["DERIVED", "SECONDARY"],
+        }
+        for k in range(series_per_study):
+            groups.append((study, {"uid": uid(), "modality": "OT",
+                                   "description": f"Captures {k + 1}", "number": 100 + k}))
+    total = 0
+    for i in range(count):
+        study, series = groups[i % len(groups)]
+        sop_instance = uid()
+        ds = _base_dataset(SECONDARY_CAPTURE_IMAGE_STORAGE, sop_instance, study, series)
+        ds.ConversionType = "WSD"
+        ds.InstanceNumber = i // len(groups) + 1
+        ds.PatientOrientation = ""
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = 64
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelRepresentation = 0
+        ds.PixelData = rng.integers(0, 256, size=(64, 64), dtype=np.uint8).tobytes()
+        ds["PixelData"].VR = "OB"
+        series_dir = directory / f"study{study['id']}" / f"series{series['number']}"
+        total += _save(ds, series_dir / f"SC{i + 1:05d}.dcm")
+    return {"objects": count, "bytes": total, "studies": studies,
+            "sop_class": SECONDARY_CAPTURE_IMAGE_STORAGE, "what": "Secondary Capture 64x64 8-bit"}
+
+
+GENERATORS = {"ct": generate_ct, "small": generate_small}
+
+
+def prepare_corpus(root: Path, sizes: dict[str, int]) -> dict[str, dict]:
+    """Each workload's folder under ``root``, generated unless a matching one is there.
+
+    ``root/manifest.json`` records what was generated; the workload folders hold only
+    DICOM files (storescu scans them whole).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest.get("version") != CORPUS_VERSION:
+        manifest = {"version": CORPUS_VERSION, "workloads": {}}
+    result = {}
+    for name, count in sizes.items():
+        directory = root / name
+        entry = manifest["workloads"].get(name)
+        on_disk = sum(1 for p in directory.rglob("*.dcm")) if directory.is_dir() else 0
+        if entry and entry["objects"] == count and on_disk == count:
+            print(f"corpus {name}: reusing {count} objects in {directory}", flush=True)
+        else:
+            if directory.exists():
+                if not entry and any(directory.iterdir()):
+                    raise BenchError(f"{directory} exists and was not made by this script; "
+                                     f"choose another --corpus")
+                shutil.rmtree(directory)
+            start = time.perf_counter()
+            print(f"corpus {name}: generating {count} objects in {directory} ...", end="", flush=True)
+            entry = GENERATORS[name](directory, count)
+            print(f" {entry['bytes'] / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s", flush=True)
+            manifest["workloads"][name] = entry
+            manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        result[name] = dict(entry, path=str(directory), first=str(min(directory.rglob("*.dcm"))))
+    return result
+
+
+# --- the servers --------------------------------------------------------------------------
+
+
+#: Straight to 127.0.0.1, whatever http_proxy says.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get_json(url: str, timeout: float):
+    with _HTTP.open(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, all its threads (proc(5): /proc/PID/stat fields 14, 15)."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (proc(5): /proc/stat "cpu")."""
+    with open("/proc/stat", "rb") as handle:
+        fields = handle.readline().split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+class Server:
+    """One server process, started afresh for one run on an empty storage directory."""
+
+    def __init__(self, slot: str, workdir: Path, run_id: str, env: dict[str, str],
+                 cpus: set[int] | None, max_pdu: int | None):
+        self.slot = slot
+        self.spec = SERVERS[slot]
+        self.kind = self.spec["kind"]
+        self.dir = workdir / f"{slot}-{run_id}"
+        self.dir.mkdir()
+        self.storage = self.dir / "data"
+        self.port = free_port()
+        self.http_port = 0
+        self.log_path = self.dir / "server.log"
+        self.ae_title, argv, env = getattr(self, f"_{self.kind}")(env, max_pdu)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
+
+    # How each kind is started: (AE title, argv, environment).
+
+    def _dicomagent(self, env, max_pdu):
+        config = self.dir / "dicomagent.toml"
+        config.write_text(
+            "[agent]\nlog_contexts = false\n"
+            + (f"max_pdu_length = {max_pdu}\n" if max_pdu else "")
+            + f"\n[storage]\nfsync = {'true' if self.spec['fsync'] else 'false'}\n"
+            "min_free_mb = 1\non_duplicate = \"replace\"\n")
+        # The checkout this script is in comes first: measure this tree, not an older install.
+        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        return "DICOMAGENT", [sys.executable, "-m", "dicomagent", "serve", "--host", HOST,
+                              "--port", str(self.port), "--data-dir", str(self.storage),
+                              "-c", str(config)], env
+
+    def _storescp(self, env, max_pdu):
+        self.storage.mkdir()
+        pdu = ["-pdu", str(max_pdu)] if max_pdu else []
+        return "STORESCP", ["storescp", "-aet", "STORESCP", *pdu, "-od", str(self.storage),
+                            str(self.port)], env
+
+    def _orthanc(self, env, max_pdu):
+        self.http_port = free_port()
+        config = {
+            "Name": f"bench-{self.dir.name}",
+            "StorageDirectory": str(self.storage),
+            "IndexDirectory": str(self.storage),
+            "DicomAet": "ORTHANC",
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "StorageCompression": False,
+            "HttpServerEnabled": True,
+            "Plugins": [],
+            "DicomAlwaysAllowStore": True,
+            "OverwriteInstances": True,
+            "DicomScpTimeout": 30,
+            "ConcurrentJobs": 2,
+            "SyncStorageArea": True,          # Orthanc's default since 1.7.4, spelt out
+        }
+        if max_pdu:
+            config["MaximumPduLength"] = max_pdu
+        path = self.dir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=1) + "\n")
+        return "ORTHANC", [ORTHANC, str(path)], env
+
+    # Readiness, counting, stopping.
+
+    def wait_ready(self, deadline_s: float = 60.0) -> None:
+        deadline = time.monotonic() + deadline_s
+        http_ok = self.kind != "orthanc"
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.slot} exited with code {self.proc.returncode} before "
+                                 f"it was ready\n{self.log_tail()}")
+            try:
+                if not http_ok:
+                    http_ok = "Version" in http_get_json(f"http://{HOST}:{self.http_port}/system", 1)
+                if http_ok:
+                    with socket.create_connection((HOST, self.port), timeout=0.5):
+                        return
+            except (OSError, ValueError):      # URLError is an OSError; ValueError: not JSON yet
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.slot} not ready on port {self.port} within {deadline_s} s\n"
+                                 f"{self.log_tail()}")
+            time.sleep(0.05)
+
+    def cpu_times(self) -> tuple[float, float]:
+        return cpu_times(self.proc.pid)
+
+    def count_live(self) -> int:
+        """Objects the running server holds, by its own account."""
+        if self.kind == "storescp":
+            return sum(1 for p in self.storage.iterdir() if p.is_file())
+        if self.kind == "orthanc":
+            return int(http_get_json(f"http://{HOST}:{self.http_port}/statistics", 30)["CountInstances"])
+        return sum(1 for p in (self.storage / "archive").rglob("*.dcm"))
+
+    def count_index(self) -> int:
+        """dicomagent only, after ``stop``: instances in the index (``dicomagent ls``)."""
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        out = subprocess.run([sys.executable, "-m", "dicomagent", "ls", "--data-dir", str(self.storage),
+                              "--level", "instance", "--json"], capture_output=True, text=True,
+                             env=env, timeout=120)
+        if out.returncode != 0:
+            raise BenchError(f"dicomagent ls failed ({out.returncode}): {out.stderr.strip()}")
+        return len(json.loads(out.stdout))
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 15 s; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def problems(self) -> list[str]:
+        """Log lines that say something went wrong."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        if self.kind == "orthanc":
+            # glog format, "E1127 11:32:26.355954 file.cpp:1] ...": Orthanc logs its ordinary
+            # start-up messages at W, so only E (error) and F (fatal) count.
+            return [l for l in lines if l[:1] in "EF" and l[1:5].isdigit()]
+        if self.kind == "storescp":
+            # The warm-up object comes again in the timed run: that overwrite is expected.
+            return [l for l in lines if l[:3] in ("W: ", "E: ", "F: ")
+                    and "already exists, overwriting" not in l]
+        return [l for l in lines if any(m in l for m in (" WARNING ", " ERROR ", " CRITICAL ",
+                                                          "Traceback"))]
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text)
+
+
+# --- the sender ---------------------------------------------------------------------------
+
+
+def storescu_argv(server: Server, path: str) -> list[str]:
+    """The one sender command: every file under ``path`` in one association.
+
+    ``+sd +r``: scan the folder recursively. storescu proposes, for each SOP class it
+    finds, the uncompressed transfer syntaxes (Explicit VR Little Endian first, one
+    presentation context each) and sends every file as it is stored when the peer accepts
+    the file's own syntax. It halts on the first failed C-STORE (no ``-nh``). ``-ta``/``-td``:
+    a stuck server ends the run instead of hanging it.
+    """
+    return ["storescu", "-aet", CALLING_AE_TITLE, "-aec", server.ae_title, "-ta", "30", "-td", "120",
+            "+sd", "+r", HOST, str(server.port), path]
+
+
+@dataclass
+class Send:
+    seconds: float
+    client_cpu: float
+    returncode: int
+    stderr: str
+
+
+def run_storescu(argv: list[str], env: dict[str, str], timeout: float, cpus: set[int] | None) -> Send:
+    # Output to a file, not a pipe: nothing can block storescu however much it writes.
+    output_file = tempfile.TemporaryFile()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output_file,
+                            stderr=subprocess.STDOUT,
+                            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
+    # Polled with wait4, which also gives storescu's own CPU time (rusage).
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"storescu did not finish within {timeout} s: {' '.join(argv)}")
+            time.sleep(0.002)
+    except BaseException:
+        proc.kill()          # timed out, or the benchmark is being interrupted
+        proc.wait()
+        output_file.close()
+        raise
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output_file.seek(0)
+    output = output_file.read().decode(errors="replace")
+    output_file.close()
+    return Send(seconds, usage.ru_utime + usage.ru_stime, proc.returncode, output)
+
+
+# --- one run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    slot: str
+    workload: str
+    round: int
+    objects: int
+    bytes: int
+    seconds: float
+    server_user: float
+    server_system: float
+    client_cpu: float
+    other_cpu: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def server_cpu(self) -> float:
+        return self.server_user + self.server_system
+
+    @property
+    def objects_per_second(self) -> float:
+        return self.objects / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def one_run(slot: str, workload: str, round_no: int, corpus: dict, workdir: Path,
+            env: dict[str, str], args, server_cpus, client_cpus, keep_logs: Path | None) -> Run:
+    info = corpus[workload]
+    server = Server(slot, workdir, f"{workload}-r{round_no}", env, server_cpus, args.max_pdu)
+    expected = info["objects"]
+    try:
+        server.wait_ready()
+        if args.warmup:
+            warm = run_storescu(storescu_argv(server, info["first"]), env, args.timeout, client_cpus)
+            if warm.returncode != 0:
+                raise BenchError(f"{slot}: warm-up storescu exit code {warm.returncode}\n"
+                                 f"{warm.stderr.strip()}\n{server.log_tail()}")
+        before, busy_before = server.cpu_times(), machine_busy_seconds()
+        sent = run_storescu(storescu_argv(server, info["path"]), env, args.timeout, client_cpus)
+        after, busy_after = server.cpu_times(), machine_busy_seconds()
+        if sent.returncode != 0:
+            raise BenchError(f"{slot} {workload}: storescu exit code {sent.returncode}\n"
+                             f"{sent.stderr.strip()[-3000:]}\n{server.log_tail()}")
+        if sent.stderr.strip():
+            # storescu prints nothing on success without -v: anything here is a warning or error.
+            raise BenchError(f"{slot} {workload}: storescu reported:\n{sent.stderr.strip()[-3000:]}")
+        held = server.count_live()
+        if held != expected:
+            raise BenchError(f"{slot} {workload}: the server holds {held} objects after the run, "
+                             f"{expected} were sent and acknowledged\n{server.log_tail()}")
+    finally:
+        code = server.stop()
+    if server.kind == "dicomagent":
+        indexed = server.count_index()
+        if indexed != expected:
+            raise BenchError(f"{slot} {workload}: the index lists {indexed} instances after the "
+                             f"daemon stopped, {expected} were acknowledged")
+        if code != 0:
+            raise BenchError(f"{slot}: dicomagent serve exited with code {code} on SIGTERM\n"
+                             f"{server.log_tail()}")
+    problems = server.problems()
+    if keep_logs is not None:
+        shutil.copy(server.log_path, keep_logs / f"{server.dir.name}.log")
+    if args.delete_each:
+        shutil.rmtree(server.dir, ignore_errors=True)
+    os.sync()       # the next run must not pay for this one's write-back
+    server_user, server_system = after[0] - before[0], after[1] - before[1]
+    # Whatever else the machine did meanwhile: this script, kernel threads (write-back,
+    # softirq) and any other process. Large values mean the run shared the CPUs.
+    other = busy_after - busy_before - server_user - server_system - sent.client_cpu
+    return Run(slot, workload, round_no, expected, info["bytes"], sent.seconds,
+               server_user, server_system, sent.client_cpu, max(other, 0.0), problems)
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv, pick=None):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+        lines = (out.stdout + out.stderr).splitlines()
+        for line in lines:
+            if pick is None or pick(line):
+                return line.strip("$ ").strip()
+        return "unknown"
+
+    return {
+        "storescu": first_line(["storescu", "--version"], lambda l: l.startswith("$dcmtk:")),
+        "storescp": first_line(["storescp", "--version"], lambda l: l.startswith("$dcmtk:")),
+        "orthanc": first_line([ORTHANC, "--version"]),
+        "python": platform.python_version(),
+    }
+
+
+def summarize(runs: list[Run], slots: list[str], workloads: list[str]) -> dict:
+    summary: dict = {}
+    for workload in workloads:
+        for slot in slots:
+            mine = [r for r in runs if r.slot == slot and r.workload == workload]
+            if not mine:
+                continue
+            summary.setdefault(workload, {})[slot] = {
+                "objects": mine[0].objects,
+                "bytes": mine[0].bytes,
+                "objects_per_second": statistics.median(r.objects_per_second for r in mine),
+                "mb_per_second": statistics.median(r.mb_per_second for r in mine),
+                "seconds": statistics.median(r.seconds for r in mine),
+                "server_cpu_seconds": statistics.median(r.server_cpu for r in mine),
+                "client_cpu_seconds": statistics.median(r.client_cpu for r in mine),
+                "other_cores_busy": statistics.median(r.other_cpu / r.seconds for r in mine),
+                "per_round_objects_per_second": [round(r.objects_per_second, 1) for r in mine],
+                "log_problems": sum(len(r.problems) for r in mine),
+            }
+    return summary
+
+
+RATIOS = [("dicomagent-nofsync", "storescp"), ("dicomagent-fsync", "storescp"),
+          ("dicomagent-nofsync", "orthanc"), ("dicomagent-fsync", "orthanc")]
+
+
+def ratios(summary: dict) -> dict:
+    out: dict = {}
+    for workload, table in summary.items():
+        for a, b in RATIOS:
+            if a in table and b in table:
+                out.setdefault(workload, {})[f"{a}/{b}"] = \
+                    table[a]["objects_per_second"] / table[b]["objects_per_second"]
+    return out
+
+
+def print_report(summary: dict, ratio_table: dict, args, corpus: dict) -> None:
+    print()
+    print(f"storescu -> server on {HOST}, one association per run; median of {args.rounds} "
+          f"round(s); MB = 10^6 bytes of Part 10 files")
+    for workload in summary:
+        info = corpus[workload]
+        print(f"  {workload}: {info['objects']} x {info['what']}, {info['bytes'] / 1e6:.1f} MB, "
+              f"{info['studies']} stud{'y' if info['studies'] == 1 else 'ies'}")
+    print()
+    header = f"{'server':<24} {'workload':<8} {'objects/s':>10} {'MB/s':>8} {'seconds':>8} " \
+             f"{'server CPU s':>13} {'busy elsewhere':>15}  per round (objects/s)"
+    print(header)
+    print("-" * len(header))
+    for workload, table in summary.items():
+        for slot, row in table.items():
+            print(f"{SERVERS[slot]['label']:<24} {workload:<8} {row['objects_per_second']:>10.1f} "
+                  f"{row['mb_per_second']:>8.1f} {row['seconds']:>8.2f} "
+                  f"{row['server_cpu_seconds']:>13.2f} {row['other_cores_busy']:>9.2f} cores  "
+                  + " ".join(f"{v:.0f}" for v in row["per_round_objects_per_second"]))
+    busiest = max(row["other_cores_busy"] for table in summary.values() for row in table.values())
+    if busiest > 0.3:
+        print(f"\nnote: up to {busiest:.1f} CPU(s) were busy with other work during the runs "
+              f"(\"busy elsewhere\": the whole machine's CPU time less the server's and "
+              f"storescu's, per second); the figures are noisier than on a quiet machine")
+    print()
+    for workload, table in ratio_table.items():
+        print(f"ratios, {workload} (objects/s): "
+              + ", ".join(f"{k.replace('dicomagent-nofsync', 'dicomagent(fsync off)').replace('dicomagent-fsync', 'dicomagent(fsync on)')} "
+                          f"{v:.2f}" for k, v in table.items()))
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ct", type=int, default=None, help="CT objects (default 300; --quick 60)")
+    p.add_argument("--small", type=int, default=None, help="small objects (default 2000; --quick 300)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick 1)")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: 60 CT, 300 small, 1 round")
+    p.add_argument("--corpus", metavar="DIR", help="generate the corpus here, or reuse the one there")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help=f"comma-separated subset of {', '.join(SERVERS)} (default all)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of ct, small")
+    p.add_argument("--max-pdu", type=int, default=0, metavar="BYTES",
+                   help="make every server announce this Maximum Length (default: each server's "
+                        "own: dicomagent unlimited, storescp and Orthanc 16384)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="do not send the first object once before each timed run")
+    p.add_argument("--cpus", choices=("any", "split"), default="any",
+                   help="any = no pinning (default); split = storescu on the last CPU, servers on the others")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one storescu run may take")
+    p.add_argument("--keep-logs", metavar="DIR", help="copy every server log into DIR")
+    p.add_argument("--delete-each", action="store_true",
+                   help="remove each run's storage right after it (default: at the end; "
+                        "see the module docstring)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    args = p.parse_args(argv)
+    args.ct = args.ct if args.ct is not None else (60 if args.quick else 300)
+    args.small = args.small if args.small is not None else (300 if args.quick else 2000)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [s for s in args.servers if s not in SERVERS] + [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown server or workload: {', '.join(unknown)}")
+    sizes = {"ct": args.ct, "small": args.small}
+    args.workloads = [w for w in args.workloads if sizes[w] > 0]
+    if args.rounds < 1 or not args.workloads or not args.servers or args.ct < 0 or args.small < 0:
+        p.error("--rounds must be positive, and at least one server and one non-empty workload chosen")
+    if args.max_pdu and not 4096 <= args.max_pdu <= 131072:
+        p.error("--max-pdu: 4096 to 131072 (the range storescp and Orthanc accept)")
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    needed = {"storescu"} | {"storescp" for s in args.servers if SERVERS[s]["kind"] == "storescp"}
+    missing = [tool for tool in sorted(needed) if shutil.which(tool) is None]
+    if any(SERVERS[s]["kind"] == "orthanc" for s in args.servers) and not os.access(ORTHANC, os.X_OK):
+        missing.append(ORTHANC)
+    if missing:
+        print(f"bench: not found: {', '.join(missing)} (Debian packages dcmtk and orthanc)", file=sys.stderr)
+        return 2
+    # SIGTERM takes the same way out as Ctrl-C, so the servers are always stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    available = sorted(os.sched_getaffinity(0))
+    client_cpus = server_cpus = None
+    if args.cpus == "split" and len(available) > 1:
+        client_cpus, server_cpus = {available[-1]}, set(available[:-1])
+    env = dict(os.environ, TCP_NODELAY="1")   # DCMTK (storescu, storescp, Orthanc): no Nagle
+    keep_logs = Path(args.keep_logs) if args.keep_logs else None
+    if keep_logs:
+        keep_logs.mkdir(parents=True, exist_ok=True)
+
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        workdir = Path(tmp)
+        try:
+            corpus_root = Path(args.corpus) if args.corpus else workdir / "corpus"
+            corpus = prepare_corpus(corpus_root, {w: getattr(args, w) for w in args.workloads})
+            needed = 1.2 * args.rounds * len(args.servers) * sum(c["bytes"] for c in corpus.values())
+            if not args.delete_each and shutil.disk_usage(workdir).free < needed + 2**30:
+                print(f"bench: {needed / 1e9:.1f} GB needed to keep every run's storage: "
+                      f"removing it after each run instead (--delete-each)", flush=True)
+                args.delete_each = True
+            os.sync()
+            total = args.rounds * len(args.workloads) * len(args.servers)
+            done = 0
+            for round_no in range(args.rounds):
+                shift = round_no % len(args.servers)
+                order = args.servers[shift:] + args.servers[:shift]
+                for workload in args.workloads:
+                    for slot in order:
+                        done += 1
+                        run = one_run(slot, workload, round_no + 1, corpus, workdir, env, args,
+                                      server_cpus, client_cpus, keep_logs)
+                        runs.append(run)
+                        flag = f"  ({len(run.problems)} log warnings)" if run.problems else ""
+                        print(f"[{done}/{total}] round {round_no + 1} {workload:<5} {slot:<19} "
+                              f"{run.seconds:7.2f} s {run.objects_per_second:8.1f} objects/s "
+                              f"{run.mb_per_second:7.1f} MB/s  server CPU {run.server_cpu:6.2f} s "
+                              f"({run.server_user:.2f} user + {run.server_system:.2f} sys), "
+                              f"storescu {run.client_cpu:.2f} s, rest of machine {run.other_cpu:.2f} s"
+                              f"{flag}", flush=True)
+        except BenchError as exc:
+            print(f"bench: FAILED: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            return 130
+
+    summary = summarize(runs, args.servers, args.workloads)
+    ratio_table = ratios(summary)
+    print_report(summary, ratio_table, args, corpus)
+    problems = [(r.slot, r.workload, r.round, line) for r in runs for line in r.problems]
+    if problems:
+        print(f"\n{len(problems)} warning/error line(s) in server logs, first ones:")
+        for slot, workload, round_no, line in problems[:10]:
+            print(f"  {slot} {workload} r{round_no}: {line[:200]}")
+
+    if args.json:
+        report = {
+            "benchmark": "store",
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "max_pdu": args.max_pdu or None,
+            "cpus": args.cpus,
+            "workloads": {w: {k: v for k, v in corpus[w].items() if k not in ("path", "first")}
+                          for w in args.workloads},
+            "servers": {s: SERVERS[s]["label"] for s in args.servers},
+            "summary": summary,
+            "ratios": ratio_table,
+            "runs": [{"server": r.slot, "workload": r.workload, "round": r.round,
+                      "seconds": round(r.seconds, 4), "objects_per_second": round(r.objects_per_second, 1),
+                      "mb_per_second": round(r.mb_per_second, 1), "server_cpu_seconds": round(r.server_cpu, 2),
+                      "server_user_seconds": round(r.server_user, 2),
+                      "server_system_seconds": round(r.server_system, 2),
+                      "client_cpu_seconds": round(r.client_cpu, 2),
+                      "other_cpu_seconds": round(r.other_cpu, 2), "log_problems": r.problems[:20]}
+                     for r in runs],
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **versions()},
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
