@@ -48,7 +48,8 @@ from pydicom.errors import InvalidDicomError
 
 from dicomagent.archive.incoming import HEAD_LIMIT, IncomingFile, write_all
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
-from dicomagent.archive.keys import INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
+from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
+                                     STUDY_KEYS)
 from dicomagent.archive.structure import StructureError, check_structure
 from dicomagent.archive.part10 import NotPart10Error, file_meta_information, read_file_meta
 
@@ -96,33 +97,44 @@ def _text(element) -> str:
     return str(value)
 
 
-def _level(ds: pydicom.Dataset, keys) -> tuple[dict[str, str], dict]:
-    """Text values (for matching) and DICOM JSON (for returning) of one level's keys."""
-    values: dict[str, str] = {}
-    subset = pydicom.Dataset()
-    for key in keys:
-        element = ds.get(key.tag)
-        if element is None:
-            continue
-        subset.add(element)
-        if not key.is_sequence:
-            values[key.keyword] = _text(element)
-    if "SpecificCharacterSet" in ds:
-        subset.SpecificCharacterSet = ds.SpecificCharacterSet
-    return values, subset.to_json_dict() if len(subset) else {}
+#: Index key tag -> (level, is a sequence), from the seed's tables (``keys``).
+_KEY_LEVELS = {key.tag: (level, key.is_sequence)
+               for level, keys in (("patient", PATIENT_KEYS), ("study", STUDY_KEYS),
+                                   ("series", SERIES_KEYS), ("instance", INSTANCE_KEYS))
+               for key in keys}
 
 
 def record_from_dataset(ds: pydicom.Dataset) -> InstanceRecord:
-    """Read the index's attributes of every level from a parsed data set."""
-    patient, patient_attrs = _level(ds, PATIENT_KEYS)
-    study, study_attrs = _level(ds, STUDY_KEYS)
-    series, series_attrs = _level(ds, SERIES_KEYS)
-    instance, instance_attrs = _level(ds, INSTANCE_KEYS)
-    charset = ds.get("SpecificCharacterSet", "")
-    if not isinstance(charset, str):
-        charset = "\\".join(charset)
-    return InstanceRecord(patient, study, series, instance, patient_attrs, study_attrs,
-                          series_attrs, instance_attrs, charset)
+    """Read the index's attributes of every level from a parsed data set.
+
+    One pass over the data set's elements: text values for matching, DICOM
+    JSON (PS3.18 F) for returning; each level's JSON also carries the
+    Specific Character Set.
+    """
+    values = {"patient": {}, "study": {}, "series": {}, "instance": {}}
+    attrs = {"patient": {}, "study": {}, "series": {}, "instance": {}}
+    charset_json = None
+    charset = ""
+    for element in ds:
+        tag = element.tag
+        if tag == 0x00080005:
+            charset_json = element.to_json_dict(None, 1 << 20)
+            charset = _text(element)
+            continue
+        found = _KEY_LEVELS.get(tag)
+        if found is None:
+            continue
+        level, is_sequence = found
+        attrs[level][f"{tag:08X}"] = element.to_json_dict(None, 1 << 20)
+        if not is_sequence:
+            values[level][element.keyword] = _text(element)
+    if charset_json is not None:
+        for level_attrs in attrs.values():
+            if level_attrs:
+                level_attrs["00080005"] = charset_json
+    return InstanceRecord(values["patient"], values["study"], values["series"],
+                          values["instance"], attrs["patient"], attrs["study"], attrs["series"],
+                          attrs["instance"], charset)
 
 
 def parse_incoming(incoming: IncomingFile) -> pydicom.Dataset:
@@ -356,7 +368,7 @@ class Archive:
             if existing["path"] != relative:
                 job.old_path = existing["path"]
         if self.settings.fsync:
-            os.fsync(incoming.fd)
+            os.fdatasync(incoming.fd)      # data and size; the mtime need not wait
         os.close(incoming.fd)
         incoming.fd = -1
         record = record_from_dataset(ds)
