@@ -35,6 +35,7 @@ from dicomagent.ul.negotiation import (PresentationContext, ProposedContext, acc
 from dicomagent.ul.primitives import (AAbortIndication, AAssociateConfirmation,
                                       AAssociateIndication, AAssociateRequest, APAbortIndication,
                                       AReleaseConfirmation, AReleaseIndication, PDataIndication)
+from dicomagent.ul.states import State
 from dicomagent.ul.transport import ULTransport
 from dicomagent.uids import TRANSFER_SYNTAX_NAMES
 
@@ -66,6 +67,10 @@ def _abort_text(primitive) -> str:
     except ValueError:
         reason = f"reason {primitive.reason}"
     return f"aborted ({reason}{': ' + primitive.detail if primitive.detail else ''})"
+
+
+#: States where Table 9-10 accepts a P-DATA request (Evt9: DT-1, AR-7).
+_CAN_SEND = {State.Sta6, State.Sta8}
 
 
 class Association:
@@ -207,6 +212,7 @@ class Association:
         """A-RELEASE indication: answer at once; we release only between operations."""
         self.connection.release_response()
         self.ul.run()
+        self._end("released by the peer")
 
     def _end(self, reason: str) -> None:
         if not self.ended.done():
@@ -222,8 +228,16 @@ class Association:
         return self._message_id
 
     def send_message(self, context_id: int, command: Message, data_set=None) -> None:
-        """Send a command set and, if given, a data set (bytes-like) on a context."""
+        """Send a command set and, if given, a data set (bytes-like) on a context.
+
+        Raises ``AssociationAborted`` once the association no longer carries
+        data (released, aborted: PS3.8 Table 9-10 allows P-DATA requests in
+        Sta6 and Sta8 only).
+        """
         connection = self.connection
+        if connection.state not in _CAN_SEND:
+            raise AssociationAborted(self.end_reason or f"association ended "
+                                                        f"({connection.state.name})")
         connection.send_message_part(context_id, True, encode_command(command))
         if data_set is not None:
             connection.send_message_part(context_id, False, data_set)
@@ -237,6 +251,8 @@ class Association:
         control paces the reading.
         """
         connection = self.connection
+        if connection.state not in _CAN_SEND:
+            raise AssociationAborted(self.end_reason or "association ended")
         connection.send_message_part(context_id, True, encode_command(command))
         self.ul.run()
         step = connection.max_fragment_length

@@ -30,6 +30,7 @@ from dicomagent.transcode import decode, encode
 from dicomagent.ul.negotiation import (AbstractSyntaxSupport, AcceptorPolicy, ProposedContext,
                                        accepted_contexts, negotiate)
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
+from dicomagent.ul.states import State
 
 log = logging.getLogger("dicomagent.commit")
 
@@ -100,6 +101,10 @@ async def commit(host: str, port: int, calling: str, called: str,
 
     def on_report(association, context, received) -> None:
         request: N_EVENT_REPORT_RQ = received.command
+        if association.connection.state is not State.Sta6:
+            # PS3.8 Table 9-10: no P-DATA after our A-RELEASE-RQ (Sta7); unanswered, the
+            # SCP reports again on a new association.
+            return
         status = 0x0000
         try:
             ds = decode(received.data_set or b"", context.transfer_syntax)
@@ -149,6 +154,12 @@ async def commit(host: str, port: int, calling: str, called: str,
                 raise AssociationError(f"no N-EVENT-REPORT within {timeout:g} s") from None
             result.delivered_on = ("same association" if carrier is association
                                    else "new association")
+            if carrier is not association:
+                # The SCP opened the report association: let it release it.
+                try:
+                    await asyncio.wait_for(asyncio.shield(carrier.ul.closed), timeout)
+                except asyncio.TimeoutError:
+                    carrier.abort()
             _read_report(ds, result)
         finally:
             await association.release()

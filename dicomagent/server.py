@@ -63,7 +63,7 @@ class Agent:
         self.log_contexts = agent.log_contexts
         self.associations: set[AcceptorAssociation] = set()
         self.server: asyncio.base_events.Server | None = None
-        self._stopping: asyncio.Event | None = None
+        self._retention: asyncio.Task | None = None
 
     def negotiate(self, rq):
         """``negotiate`` with the agent's policy, and the contexts it accepts.
@@ -109,7 +109,6 @@ class Agent:
         log.info("listening on %s:%d as %s (data dir %s)", agent.host, self.port,
                  agent.ae_title, agent.data_dir)
         self.reporter.start()
-        self._retention = None
         if self.config.retention.max_age_days:
             from dicomagent.retention import retention_loop
             self._retention = asyncio.get_running_loop().create_task(
@@ -144,7 +143,7 @@ class Agent:
         if self.server is not None:
             await self.server.wait_closed()
         await self.reporter.stop()
-        if getattr(self, "_retention", None) is not None:
+        if self._retention is not None:
             self._retention.cancel()
         self.archive.close()
 
