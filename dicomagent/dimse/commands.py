@@ -365,7 +365,8 @@ def _encode_value(vr: str, value) -> bytes:
         return _UL.pack(value)
     if vr == "AT":
         return b"".join(struct.pack("<HH", tag >> 16, tag & 0xFFFF) for tag in value)
-    data = value.encode("ascii")
+    # Latin-1, as decoded: a value that came off the wire can always be echoed back.
+    data = value.encode("latin-1")
     if len(data) & 1:
         data += b"\x00" if vr == "UI" else b" "
     return data
@@ -431,8 +432,34 @@ def decode_command(data) -> Message:
     if cls is None:
         raise CommandDecodeError("Command Field (0000,0100) missing" if command_field is None
                                  else f"unknown Command Field 0x{command_field:04X}")
-    allowed = cls.FIELD_ORDER
-    return cls(**{name: value for name, value in values.items() if name in allowed})
+    for name in _REQUIRED[cls]:
+        if values.get(name) is None:
+            raise CommandDecodeError(f"{cls.NAME}: {name} ({_TAG_TEXT[name]}) missing")
+    # Absent fields are None, never the class defaults (a response without a
+    # Status must not read as Success).
+    return cls(**{name: values.get(name) for name in cls.FIELD_ORDER})
+
+
+_TAG_TEXT = {keyword: f"0000,{tag & 0xFFFF:04X}" for keyword, (tag, _) in TAGS.items()}
+
+
+def _required(cls) -> tuple[str, ...]:
+    """PS3.7 §9.3 / §10.3: the fields without which nobody can answer or act.
+
+    Every message has Command Data Set Type; a response has the Message ID it
+    answers and a Status; a request (C-CANCEL aside) has a Message ID.
+    """
+    names = ["CommandDataSetType"]
+    if cls.COMMAND_FIELD & 0x8000:
+        names += ["MessageIDBeingRespondedTo", "Status"]
+    elif cls.COMMAND_FIELD == 0x0FFF:
+        names += ["MessageIDBeingRespondedTo"]
+    else:
+        names += ["MessageID"]
+    return tuple(names)
+
+
+_REQUIRED = {cls: _required(cls) for cls in MESSAGES.values()}
 
 
 def _decode_value(vr: str, value: memoryview, element: int):

@@ -195,6 +195,10 @@ class ULConnection:
             raise RuntimeError(f"{act.name} returned {next_state.name}")
         self.state = next_state
         self.last_action = act.name
+        if next_state is State.Sta1:
+            # The connection is over: nothing after this, even in the same chunk, counts.
+            self.deliver_p_data = False
+            self._reader.stop()
         if self.trace is not None:
             self.trace(state, event, act.name, next_state)
 

@@ -73,6 +73,11 @@ class PDUReader:
         self._mch = 0
         self._pdu_type = 0
 
+    def stop(self) -> None:
+        """Read nothing more: the connection has ended (Sta1)."""
+        self._phase = _FAILED
+        self._buffer = bytearray()
+
     @property
     def failed(self) -> bool:
         return self._phase == _FAILED
@@ -126,6 +131,8 @@ class PDUReader:
                     self._on_pdv_header(block)
                 else:
                     self._on_control_body(block)
+                if self._phase == _FAILED:       # the owner stopped us
+                    return
         except PDUDecodeError:
             self._phase = _FAILED
             self._buffer = bytearray()
