@@ -246,6 +246,8 @@ class SQLiteIndex(Index):
         self.db.execute("PRAGMA foreign_keys=OFF")
         self.db.executescript(_ddl())
         self._in_transaction = False
+        #: The patient, study and series rows this index wrote last (see ``add``).
+        self._last: dict = {}
         self._sql_patient = (
             f"INSERT INTO patients ({', '.join(PATIENT_COLUMNS)}, attrs) "
             f"VALUES ({', '.join('?' * (len(PATIENT_COLUMNS) + 1))}) "
@@ -280,6 +282,7 @@ class SQLiteIndex(Index):
             self._in_transaction = False
 
     def rollback(self) -> None:
+        self._last.clear()
         if self._in_transaction:
             self.db.execute("ROLLBACK")
             self._in_transaction = False
@@ -300,20 +303,38 @@ class SQLiteIndex(Index):
         if db.execute("SELECT 1 FROM instances WHERE SOPInstanceUID = ?",
                       (record.sop_instance_uid,)).fetchone():
             self.remove(record.sop_instance_uid)      # prunes the levels it leaves empty
+            self._last.clear()
+        # The upper levels repeat for every instance of a series: a row is written
+        # again only when it differs from the one this index wrote last, and
+        # nobody else (``dicomagent import``, ``retention``) wrote in between.
+        (version,) = db.execute("PRAGMA data_version").fetchone()
+        if version != self._last.get("data_version"):
+            self._last.clear()
+            self._last["data_version"] = version
         patient = record.patient
-        (patient_key,) = db.execute(self._sql_patient, [patient.get(c) if c != "PatientID" else
-                                                         patient.get(c) or ""
-                                                         for c in PATIENT_COLUMNS]
-                                    + [_pack(record.patient_attrs)]).fetchone()
+        patient_row = [patient.get(c) if c != "PatientID" else patient.get(c) or ""
+                       for c in PATIENT_COLUMNS] + [_pack(record.patient_attrs)]
+        last = self._last
+        if last.get("patient_row") == patient_row:
+            patient_key = last["patient_key"]
+        else:
+            (patient_key,) = db.execute(self._sql_patient, patient_row).fetchone()
+            last["patient_row"], last["patient_key"] = patient_row, patient_key
         study = record.study
         study_uid = study["StudyInstanceUID"]
-        db.execute(self._sql_study, [study_uid, patient_key]
-                   + [study.get(c) for c in STUDY_COLUMNS if c != "StudyInstanceUID"]
-                   + [record.specific_character_set, _pack(record.study_attrs)])
+        study_row = [study_uid, patient_key] + [
+            study.get(c) for c in STUDY_COLUMNS if c != "StudyInstanceUID"] + [
+            record.specific_character_set, _pack(record.study_attrs)]
+        if last.get("study_row") != study_row:
+            db.execute(self._sql_study, study_row)
+            last["study_row"] = study_row
         series = record.series
-        db.execute(self._sql_series, [series["SeriesInstanceUID"], study_uid]
-                   + [series.get(c) for c in SERIES_COLUMNS if c != "SeriesInstanceUID"]
-                   + [_pack(record.series_attrs)])
+        series_row = [series["SeriesInstanceUID"], study_uid] + [
+            series.get(c) for c in SERIES_COLUMNS if c != "SeriesInstanceUID"] + [
+            _pack(record.series_attrs)]
+        if last.get("series_row") != series_row:
+            db.execute(self._sql_series, series_row)
+            last["series_row"] = series_row
         instance = record.instance
         db.execute(self._sql_instance,
                    [instance["SOPInstanceUID"], series["SeriesInstanceUID"], study_uid]
@@ -324,6 +345,7 @@ class SQLiteIndex(Index):
 
     def remove(self, sop_instance_uid: str) -> None:
         self._begin()
+        self._last.clear()
         db = self.db
         row = db.execute("SELECT SeriesInstanceUID, StudyInstanceUID FROM instances "
                          "WHERE SOPInstanceUID = ?", (sop_instance_uid,)).fetchone()
