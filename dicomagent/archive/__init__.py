@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicomagent.archive.header import record_from_head, uids_from_record
 from dicomagent.archive.incoming import HEAD_LIMIT, IncomingFile, write_all
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
 from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
@@ -328,11 +329,13 @@ class Archive:
         if incoming.failure:
             return StoreResult(OUT_OF_RESOURCES, incoming.failure)
         try:
-            ds = parse_incoming(incoming)
-            sop_class = ds.get("SOPClassUID", "")
-            sop_instance = ds.get("SOPInstanceUID", "")
-            study_uid = ds.get("StudyInstanceUID", "")
-            series_uid = ds.get("SeriesInstanceUID", "")
+            record = None
+            if incoming.size > incoming.data_offset:
+                record = record_from_head(bytes(incoming.head), incoming.transfer_syntax,
+                                          complete=incoming.complete_in_head)
+            if record is None:
+                record = record_from_dataset(parse_incoming(incoming))
+            sop_class, sop_instance, study_uid, series_uid = uids_from_record(record)
         except Exception as error:  # noqa: BLE001 - whatever pydicom says of bad bytes
             log.warning("C-STORE %s from %s: data set cannot be parsed: %s",
                         incoming.sop_instance_uid, incoming.calling_ae_title, error)
@@ -371,7 +374,6 @@ class Archive:
             os.fdatasync(incoming.fd)      # data and size; the mtime need not wait
         os.close(incoming.fd)
         incoming.fd = -1
-        record = record_from_dataset(ds)
         record.path = relative
         record.size = incoming.size
         record.transfer_syntax = incoming.transfer_syntax
