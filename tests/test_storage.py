@@ -433,7 +433,9 @@ def archive_files(data_dir: Path) -> set[str]:
 
 
 def tmp_files(data_dir: Path) -> list[str]:
-    return sorted(os.listdir(data_dir / "tmp"))
+    # Empty *.spare files are temporary files the archive created ahead, not data.
+    return sorted(name for name in os.listdir(data_dir / "tmp")
+                  if not (name.endswith(".spare") and (data_dir / "tmp" / name).stat().st_size == 0))
 
 
 def file_crc32(path: Path) -> int:

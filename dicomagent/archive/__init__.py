@@ -4,6 +4,7 @@ Layout under the data dir::
 
     archive/<Study UID>/<Series UID>/<SOP Instance UID>.dcm   the objects (Part 10 files)
     tmp/                                                     data sets being received
+                                                             (and empty *.spare files ready)
     index.sqlite                                             the index (SQLite, WAL)
 
 A path is made from UIDs only after checking that they are UIDs (digits and
@@ -29,6 +30,7 @@ loop; objects that arrive together are committed in one transaction.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import fcntl
 import hashlib
@@ -47,7 +49,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from dicomagent.archive.header import record_from_head, uids_from_record
-from dicomagent.archive.incoming import HEAD_LIMIT, IncomingFile, write_all
+from dicomagent.archive.incoming import HEAD_LIMIT, IncomingFile, create_temporary, write_all
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
 from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
                                      STUDY_KEYS)
@@ -64,6 +66,9 @@ DATA_SET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+#: Temporary files the worker keeps created ahead of the receiving side.
+_SPARES = 4
 
 
 def safe_uid(uid: str) -> str:
@@ -203,6 +208,7 @@ class Archive:
         self._free_checked_at = 0.0
         self._free_ok = True
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._spares: collections.deque[tuple[str, int]] = collections.deque()
         #: Queries run here, on their own read-only connection (WAL lets them
         #: read while the worker writes).
         self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1,
@@ -235,11 +241,28 @@ class Archive:
 
     def open_incoming(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
                       calling_ae_title: str) -> IncomingFile:
-        """The sink for one C-STORE data set (refused at once when space is short)."""
+        """The sink for one C-STORE data set (refused at once when space is short).
+
+        Creating a file costs a good part of a small object's time, so the
+        worker keeps a few created ahead (``_SPARES``) and the receiving side
+        takes one of those when it can.
+        """
         if not self.has_room():
             return IncomingFile.refused("out-of-resources")
+        try:
+            spare = self._spares.popleft()
+        except IndexError:
+            spare = None
         return IncomingFile(self.tmp_dir, sop_class_uid, sop_instance_uid, transfer_syntax,
-                            calling_ae_title, time.time())
+                            calling_ae_title, time.time(), spare)
+
+    def _refill_spares(self) -> None:
+        """On the worker: create temporary files ahead for ``open_incoming``."""
+        try:
+            while len(self._spares) < _SPARES:
+                self._spares.append(create_temporary(self.tmp_dir, ".spare"))
+        except OSError as error:
+            log.warning("cannot create temporary files ahead: %s", error.strerror)
 
     def submit(self, incoming: IncomingFile) -> concurrent.futures.Future:
         """Hand a complete data set to the worker; the future gives a ``StoreResult``."""
@@ -284,6 +307,7 @@ class Archive:
                 batch.append(more)
             if batch:
                 self._store_batch(batch)
+            self._refill_spares()
 
     def _store_batch(self, batch: list[_Job]) -> None:
         accepted = []
@@ -489,6 +513,10 @@ class Archive:
     def close(self) -> None:
         self._queue.put(None)
         self._worker.join()
+        while self._spares:
+            path, fd = self._spares.popleft()
+            os.close(fd)
+            os.unlink(path)
         self.reader.shutdown(wait=True)
         if self._read_db is not None:
             self._read_db.close()

@@ -33,6 +33,16 @@ def write_all(fd: int, data) -> None:
         view = view[written:]
 
 
+def create_temporary(tmp_dir: str, suffix: str = ".part") -> tuple[str, int]:
+    """A new empty file in ``tmp_dir``, open for writing: (path, fd).
+
+    The archive's worker creates some ahead with the suffix ``.spare``: an
+    empty ``.spare`` file in ``tmp/`` is one waiting for a data set.
+    """
+    path = os.path.join(tmp_dir, f"{secrets.token_hex(8)}{suffix}")
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+
 class IncomingFile:
     """One C-STORE data set being received into ``tmp_dir``.
 
@@ -45,7 +55,8 @@ class IncomingFile:
                  "received_at")
 
     def __init__(self, tmp_dir: str, sop_class_uid: str, sop_instance_uid: str,
-                 transfer_syntax: str, calling_ae_title: str, received_at: float):
+                 transfer_syntax: str, calling_ae_title: str, received_at: float,
+                 spare: tuple[str, int] | None = None):
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
         self.transfer_syntax = transfer_syntax
@@ -53,7 +64,6 @@ class IncomingFile:
         self.received_at = received_at
         self.failure = ""
         self.head = bytearray()
-        self.path = os.path.join(tmp_dir, f"{secrets.token_hex(8)}.part")
         header = file_meta_information(sop_class_uid, sop_instance_uid, transfer_syntax,
                                        calling_ae_title or None)
         self.data_offset = len(header)
@@ -61,7 +71,10 @@ class IncomingFile:
         self.crc32 = zlib.crc32(header)
         self.fd = -1
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            if spare is not None:
+                self.path, self.fd = spare
+            else:
+                self.path, self.fd = create_temporary(tmp_dir)
             write_all(self.fd, header)
         except OSError as error:
             self._fail(error)
