@@ -132,8 +132,12 @@ def _range_condition(column: str, value: str, params: list) -> str:
 
 
 def _value_condition(column: str, vr: str, value: str, params: list) -> str | None:
-    """The SQL condition for one key; None for universal matching."""
-    if value == "" or value == "*":
+    """The SQL condition for one key; None for universal matching.
+
+    PS3.4 C.2.2.2.4: "*" matches any sequence of characters, the empty one
+    included, so a value of only "*"s matches everything, absent values too.
+    """
+    if value == "" or value.strip("*") == "":
         return None
     if vr == "UI" and "\\" in value:
         uids = [uid for uid in value.split("\\") if uid]
@@ -241,9 +245,9 @@ def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = Fal
             continue
         query.return_tags.append(tag)
         if element.VR == "SQ":
-            value_present = bool(element.value) and any(len(item) for item in element.value)
+            value_present = bool(element.value) and _item_has_matching_key(element.value[0])
         else:
-            value_present = text_value(element) not in ("", "*")
+            value_present = text_value(element).strip("*") != ""
         found = key_level(tag, model)
         if found is None or found[0] not in levels or levels.index(found[0]) > depth:
             if value_present:
@@ -289,6 +293,18 @@ def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = Fal
     return query
 
 
+def _item_has_matching_key(item: pydicom.Dataset) -> bool:
+    """PS3.4 C.2.2.2.6: an item whose keys are all zero length (or "*") only asks for
+    them to be returned; it does not select (DCMTK writes ``-k Seq[0].Key`` so)."""
+    for element in item:
+        if element.VR == "SQ":
+            if element.value and _item_has_matching_key(element.value[0]):
+                return True
+        elif text_value(element).strip("*") != "":
+            return True
+    return False
+
+
 def _computed_visible(tag: int, level: str) -> bool:
     """Computed study keys at STUDY level, the series count at SERIES level."""
     return (tag in (0x00080061, 0x00201206, 0x00201208) and level == "STUDY") or \
@@ -330,7 +346,7 @@ def _date_time_condition(alias: str, date_column: str, time_column: str, date: s
 
 def _matches_text(vr: str, query: str, stored: str) -> bool:
     """Python form of ``_value_condition``, for keys inside sequence items."""
-    if query in ("", "*"):
+    if query.strip("*") == "":
         return True
     if vr == "UI" and "\\" in query:
         return stored in query.split("\\")
