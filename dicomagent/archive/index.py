@@ -78,74 +78,28 @@ class Index:
     def rollback(self) -> None:
         raise NotImplementedError
 
-    # --- storage commitment (PS3.4 Annex J) and retention ---------------------------------
+    # Storage commitment (PS3.4 Annex J) and retention: see ``SQLiteIndex`` for each.
 
     def add_commitment(self, transaction_uid: str, calling_ae_title: str, received_at: float,
                        references: list[tuple[str, str]]) -> None:
-        """Record an N-ACTION request (durably, before it is answered)."""
-        self._begin()
-        self.db.execute(
-            "INSERT INTO commitments (transaction_uid, calling_ae_title, received_at, request, "
-            "state) VALUES (?, ?, ?, ?, 'pending') ON CONFLICT(transaction_uid) DO UPDATE SET "
-            "calling_ae_title=excluded.calling_ae_title, received_at=excluded.received_at, "
-            "request=excluded.request, result=NULL, state='pending', attempts=0, "
-            "next_attempt=0, last_error=NULL",
-            (transaction_uid, calling_ae_title, received_at,
-             msgpack.packb([list(r) for r in references])))
-        self.commit()
+        raise NotImplementedError
 
     def set_commitment_result(self, transaction_uid: str, committed: list, failed: list,
                               now: float) -> None:
-        """The archive's answer: committed [class, instance] and failed [class, instance, reason]."""
-        self._begin()
-        self.db.execute("UPDATE commitments SET result = ? WHERE transaction_uid = ?",
-                        (msgpack.packb({"committed": committed, "failed": failed}),
-                         transaction_uid))
-        self.db.executemany("UPDATE instances SET committed_at = ? WHERE SOPInstanceUID = ? "
-                            "AND committed_at IS NULL", [(now, uid) for _, uid in committed])
-        self.commit()
+        raise NotImplementedError
 
     def commitment_reported(self, transaction_uid: str) -> None:
-        self._begin()
-        self.db.execute("UPDATE commitments SET state = 'reported', last_error = NULL "
-                        "WHERE transaction_uid = ?", (transaction_uid,))
-        self.commit()
+        raise NotImplementedError
 
     def commitment_retry(self, transaction_uid: str, next_attempt: float, error: str) -> None:
-        self._begin()
-        self.db.execute("UPDATE commitments SET attempts = attempts + 1, next_attempt = ?, "
-                        "last_error = ? WHERE transaction_uid = ?",
-                        (next_attempt, error, transaction_uid))
-        self.commit()
+        raise NotImplementedError
 
     def commitments(self, state: str | None = "pending") -> list[dict]:
-        """Commitment requests (all, or in one state), oldest first, unpacked."""
-        sql = ("SELECT transaction_uid, calling_ae_title, received_at, request, result, state, "
-               "attempts, next_attempt, last_error FROM commitments")
-        params: tuple = ()
-        if state is not None:
-            sql += " WHERE state = ?"
-            params = (state,)
-        rows = []
-        for row in self.db.execute(sql + " ORDER BY received_at", params):
-            record = dict(zip(("transaction_uid", "calling_ae_title", "received_at", "request",
-                               "result", "state", "attempts", "next_attempt", "last_error"), row))
-            record["request"] = msgpack.unpackb(record["request"])
-            record["result"] = msgpack.unpackb(record["result"]) if record["result"] else None
-            rows.append(record)
-        return rows
+        raise NotImplementedError
 
     def expired(self, received_before: float, calling_ae_titles: list[str] | None = None,
                 only_committed: bool = False) -> list[str]:
-        """SOP Instance UIDs received before a time (the retention rule)."""
-        sql = "SELECT SOPInstanceUID FROM instances WHERE received_at < ?"
-        params: list = [received_before]
-        if calling_ae_titles:
-            sql += f" AND calling_ae_title IN ({', '.join('?' * len(calling_ae_titles))})"
-            params += calling_ae_titles
-        if only_committed:
-            sql += " AND committed_at IS NOT NULL"
-        return [uid for (uid,) in self.db.execute(sql + " ORDER BY received_at", params)]
+        raise NotImplementedError
 
     def list(self, level: str) -> list[dict]:
         """Rows for ``dicomagent ls``: level is "study", "series" or "instance"."""

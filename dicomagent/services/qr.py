@@ -226,6 +226,22 @@ class _SubOperations:
         return ds
 
 
+def _retrieve_responder(association, context, request, response_class):
+    """``respond(status, counts, final, data, comment)`` for C-MOVE-RSP / C-GET-RSP."""
+
+    def respond(status: int, counts: _SubOperations | None = None, final: bool = True,
+                data: pydicom.Dataset | None = None, comment: str | None = None) -> None:
+        association.send_message(context.context_id, response_class(
+            AffectedSOPClassUID=request.AffectedSOPClassUID,
+            MessageIDBeingRespondedTo=request.MessageID,
+            CommandDataSetType=DATA_SET_PRESENT if data is not None else NO_DATA_SET,
+            Status=status, ErrorComment=comment,
+            **(counts.fields(final) if counts else {})),
+            encode(data, context.transfer_syntax) if data is not None else None)
+
+    return respond
+
+
 def _final_status(counts: _SubOperations) -> int:
     if counts.failed or counts.warning:
         return SUBOPERATIONS_WITH_FAILURES
@@ -239,15 +255,7 @@ async def handle_c_move(association, context, received) -> None:
     message_id = request.MessageID
     level = "?"
 
-    def respond(status: int, counts: _SubOperations | None = None, final: bool = True,
-                data: pydicom.Dataset | None = None, comment: str | None = None):
-        association.send_message(context.context_id, C_MOVE_RSP(
-            AffectedSOPClassUID=request.AffectedSOPClassUID,
-            MessageIDBeingRespondedTo=message_id,
-            CommandDataSetType=DATA_SET_PRESENT if data is not None else NO_DATA_SET,
-            Status=status, ErrorComment=comment,
-            **(counts.fields(final) if counts else {})),
-            encode(data, context.transfer_syntax) if data is not None else None)
+    respond = _retrieve_responder(association, context, request, C_MOVE_RSP)
 
     peer = association.agent.config.peer_by_ae_title(request.MoveDestination or "")
     if peer is None:
@@ -326,15 +334,7 @@ async def handle_c_get(association, context, received) -> None:
     message_id = request.MessageID
     level = "?"
 
-    def respond(status: int, counts: _SubOperations | None = None, final: bool = True,
-                data: pydicom.Dataset | None = None, comment: str | None = None):
-        association.send_message(context.context_id, C_GET_RSP(
-            AffectedSOPClassUID=request.AffectedSOPClassUID,
-            MessageIDBeingRespondedTo=message_id,
-            CommandDataSetType=DATA_SET_PRESENT if data is not None else NO_DATA_SET,
-            Status=status, ErrorComment=comment,
-            **(counts.fields(final) if counts else {})),
-            encode(data, context.transfer_syntax) if data is not None else None)
+    respond = _retrieve_responder(association, context, request, C_GET_RSP)
 
     try:
         identifier = _read_identifier(received, context)
