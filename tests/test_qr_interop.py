@@ -227,7 +227,8 @@ def received_uids(directory: Path) -> set[str]:
     for path in directory.rglob("*"):
         if path.is_file():
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=["SOPInstanceUID"])
             except Exception:  # noqa: BLE001 - not a DICOM file (dcmqrscp's index.dat)
                 continue
             if "SOPInstanceUID" in ds:
@@ -702,6 +703,25 @@ def test_movescu_patient_root_study(qr):
     expected = {uid_of(n) for n in instance_names("X5") + instance_names("X6")}
     assert expected <= received_uids(qr.store.data_dir)
     assert received_uids(qr.store.data_dir) - before <= expected
+
+
+def test_movescu_cancel(qr):
+    """C-CANCEL during a C-MOVE of 250 instances: the final response is Cancel (FE00),
+    sent before all sub-operations ran, and the objects sent so far arrived."""
+    before = received_uids(qr.store.data_dir)
+    args = ["movescu", "-d", "-S", "-aec", qr.agent.ae_title, "-aem", "STORESCP",
+            "--cancel", "1", "-k", "QueryRetrieveLevel=SERIES",
+            "-k", f"StudyInstanceUID={S('SB')}", "-k", f"SeriesInstanceUID={X('XB')}"]
+    result = run([*args, qr.agent.host, str(qr.agent.port)], 60, errors="replace")
+    text = result.stdout + result.stderr
+    statuses = [int(s, 16) for s in _STATUS.findall(text)]
+    assert statuses[-1] == 0xFE00, text[-3000:]
+    assert "Sending Cancel Request" in text
+    completed = [int(n) for n in re.findall(r"Completed Suboperations\s*:\s*(\d+)", text)]
+    assert 1 <= completed[-1] < BULK, text[-3000:]
+    arrived = received_uids(qr.store.data_dir) - before
+    assert arrived <= {uid_of(n) for n in instance_names("XB")}
+    assert len(arrived) == completed[-1]
 
 
 def test_movescu_unknown_destination_a801(qr):
