@@ -31,7 +31,7 @@ from dicomagent.ul.codes import (AbortReason, RejectSource, reject_reason_text)
 from dicomagent.ul.connection import ULConnection
 from dicomagent.ul.pdu import MCH_LAST
 from dicomagent.ul.negotiation import (PresentationContext, ProposedContext, accepted_contexts,
-                                       build_associate_rq, negotiate)
+                                       accepted_extended_negotiation, build_associate_rq)
 from dicomagent.ul.primitives import (AAbortIndication, AAssociateConfirmation,
                                       AAssociateIndication, AAssociateRequest, APAbortIndication,
                                       AReleaseConfirmation, AReleaseIndication, PDataIndication)
@@ -84,6 +84,8 @@ class Association:
                               idle_timeout=idle_timeout, network_timeout=network_timeout)
         self.assembler = MessageAssembler(self.open_sink)
         self.contexts: dict[int, PresentationContext] = {}
+        #: SOP Class Extended Negotiation agreed, by SOP class (PS3.7 D.3.3.5).
+        self.extended: dict[str, bytes] = {}
         self.calling_ae_title = ""
         self.called_ae_title = ""
         self._message_id = 0
@@ -330,6 +332,7 @@ class AcceptorAssociation(Association):
         self.connection.associate_response(response)
         if response.ac is not None:
             self.contexts = contexts
+            self.extended = accepted_extended_negotiation(response.ac)
             log.info("%s association accepted: %s -> %s, %s", self.describe(),
                      rq.calling_ae_title, rq.called_ae_title, _describe_contexts(self.contexts)
                      if self.agent.log_contexts else f"{len(self.contexts)} contexts")
@@ -403,6 +406,7 @@ class RequestorAssociation(Association):
 
 async def associate(host: str, port: int, calling_ae_title: str, called_ae_title: str,
                     contexts: list[ProposedContext], *, maximum_length_received: int = 0,
+                    extra_sub_items: tuple = (),
                     artim_timeout: float = 30.0, dimse_timeout: float | None = 60.0,
                     network_timeout: float | None = 30.0) -> RequestorAssociation:
     """Open an association as requestor (PS3.8 §7.1: A-ASSOCIATE request).
@@ -412,7 +416,8 @@ async def associate(host: str, port: int, calling_ae_title: str, called_ae_title
     """
     association = RequestorAssociation(artim_timeout=artim_timeout, dimse_timeout=dimse_timeout,
                                        network_timeout=network_timeout)
-    rq = build_associate_rq(calling_ae_title, called_ae_title, contexts, maximum_length_received)
+    rq = build_associate_rq(calling_ae_title, called_ae_title, contexts, maximum_length_received,
+                            extra_sub_items)
     association.calling_ae_title = calling_ae_title
     association.called_ae_title = called_ae_title
     association.connection.associate_request(AAssociateRequest(rq))      # Evt1: AE-1
@@ -438,4 +443,5 @@ async def associate(host: str, port: int, calling_ae_title: str, called_ae_title
         raise AssociationRejected(confirmation.rj)
     association.ac = confirmation.ac
     association.contexts = accepted_contexts(rq, confirmation.ac)
+    association.extended = accepted_extended_negotiation(confirmation.ac)
     return association

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print DICOM JSON (PS3.18 F)")
             sub.add_argument("--cancel-after", type=int, metavar="N",
                              help="send C-CANCEL after N matches")
+            sub.add_argument("--date-time-matching", action="store_true",
+                             help="negotiate combined date-time matching (a Date and its "
+                                  "Time as one range, PS3.4 C.2.2.2.5.1)")
         if name == "move":
             sub.add_argument("--dest", "-aem", required=True, metavar="AET",
                              help="Move Destination AE title")
@@ -399,7 +402,8 @@ def cmd_find(args) -> int:
         return EXIT_USAGE
     result, code = _run(_scu_call(find(args.host, args.port, args.aet, args.aec, identifier,
                                        args.model, args.timeout,
-                                       cancel_after=args.cancel_after), "find"))
+                                       cancel_after=args.cancel_after,
+                                       date_time_matching=args.date_time_matching), "find"))
     if result is None:
         return code
     if args.json:

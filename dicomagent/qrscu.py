@@ -28,6 +28,7 @@ from dicomagent.services.qr import (PATIENT_ROOT_FIND, PATIENT_ROOT_GET, PATIENT
                                     STUDY_ROOT_FIND, STUDY_ROOT_GET, STUDY_ROOT_MOVE)
 from dicomagent.services.storage import TABLE_2
 from dicomagent.transcode import decode, encode
+from dicomagent.ul.items import SOPClassExtendedNegotiationSubItem
 from dicomagent.ul.negotiation import ProposedContext
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
 
@@ -93,16 +94,20 @@ class FindResult:
 
 async def find(host: str, port: int, calling: str, called: str, identifier: pydicom.Dataset,
                model: str = "study", timeout: float = 30.0, on_match=None,
-               cancel_after: int | None = None) -> FindResult:
+               cancel_after: int | None = None, date_time_matching: bool = False) -> FindResult:
     """C-FIND: every pending match (also passed to ``on_match``), then the final status.
 
     ``cancel_after``: send C-CANCEL-RQ after that many matches.
+    ``date_time_matching``: ask for combined date-time matching (PS3.4 C.5.1.1.2,
+    extended negotiation byte 2), so a Date and its Time are one range.
     """
     sop_class = SOP_CLASSES[("find", model)]
+    extra = (SOPClassExtendedNegotiationSubItem(sop_class, b"\x00\x01"),) \
+        if date_time_matching else ()
     association = await associate(host, port, calling, called,
                                   [ProposedContext(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)],
                                   artim_timeout=timeout, dimse_timeout=timeout,
-                                  network_timeout=timeout)
+                                  network_timeout=timeout, extra_sub_items=extra)
     result = FindResult()
     try:
         context = association.context_for(sop_class)

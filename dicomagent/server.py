@@ -55,7 +55,8 @@ class Agent:
             transfer_syntax_order=tuple(agent.transfer_syntax_order),
             check_called_aet=agent.check_called_aet,
             known_calling_aets=known,
-            maximum_length_received=agent.max_pdu_length)
+            maximum_length_received=agent.max_pdu_length,
+            extended_negotiation=services.extended_negotiation_table(self.services))
         self._negotiated: dict = {}
         from dicomagent.services.commitment import Reporter
         self.reporter = Reporter(self)

@@ -412,9 +412,10 @@ CASES = [
     ("time-range", "study", "STUDY", ["StudyTime=0800-1200"], {"S1", "S4", "SB", "SX"}),
     ("time-open-start", "study", "STUDY", ["StudyTime=-0900"], {"S1", "SB", "SX"}),
     ("time-open-end", "study", "STUDY", ["StudyTime=1700-"], {"S3", "S5"}),
-    # Date and Time combined into one date-time range (PS3.4 C.2.2.2.5.1)
-    ("date-time-combined", "study", "STUDY",
-     ["StudyDate=20230115-20230220", "StudyTime=1000-1500"], {"S5", "S2"}),
+    # Date and Time each on its own: findscu does not negotiate combined date-time
+    # matching (PS3.4 C.5.1.1.2), so C.2.2.2.5.1 does not apply (see the test below)
+    ("date-time-apart", "study", "STUDY",
+     ["StudyDate=20230115-20230220", "StudyTime=1000-1500"], {"S2"}),
     ("date-time-one-day", "study", "STUDY", ["StudyDate=20230115", "StudyTime=1200-"], {"S5"}),
     ("pps-date-range", "study", "SERIES",
      [f"StudyInstanceUID={S('S1')}", "PerformedProcedureStepStartDate=20230101-"], {"X2"}),
@@ -595,6 +596,19 @@ def agent_find(qr: QR, *args: str, node: RunningNode | None = None):
                                 "--timeout", "10", *args), 30)
     matches = json.loads(result.stdout) if "--json" in args and result.stdout.strip() else []
     return result.returncode, matches, result.stderr
+
+
+def test_agent_find_combined_date_time_when_negotiated(qr):
+    """With combined date-time matching negotiated (``--date-time-matching``), the Date
+    and Time ranges are one range from 20230115 10:00 to 20230220 15:00 (C.2.2.2.5.1)."""
+    keys = ["-L", "STUDY", "-k", "StudyDate=20230115-20230220", "-k", "StudyTime=1000-1500",
+            "-k", "StudyInstanceUID", "--json"]
+    code, matches, stderr = agent_find(qr, *keys, "--date-time-matching")
+    assert code == 0, stderr
+    assert {m["0020000D"]["Value"][0] for m in matches} == {S("S5"), S("S2")}
+    code, matches, stderr = agent_find(qr, *keys)
+    assert code == 0, stderr
+    assert {m["0020000D"]["Value"][0] for m in matches} == {S("S2")}
 
 
 def test_agent_find_json_non_ascii(qr):

@@ -329,8 +329,11 @@ def entity_attrs(entity: Entity) -> dict:
 
 
 def reference_match(instances: list[Entity], model: str, level: str,
-                    keys: dict) -> tuple[list[str], bool]:
-    """(unique keys of the matching entities, whether FF01 is due) by C.2.2.2 rules."""
+                    keys: dict, combined: bool = True) -> tuple[list[str], bool]:
+    """(unique keys of the matching entities, whether FF01 is due) by C.2.2.2 rules.
+
+    ``combined``: the SCU negotiated combined date-time matching (C.5.1.1.2);
+    without it a Date and its Time are matched each on its own."""
     depth = LEVELS[model].index(level)
     unsupported = False
     matching: dict[str, str] = {}
@@ -355,7 +358,7 @@ def reference_match(instances: list[Entity], model: str, level: str,
         done = set()
         for date_key, time_key in PAIRS.items():
             date_q, time_q = matching.get(date_key), matching.get(time_key)
-            if date_q and time_q and ("-" in date_q or "-" in time_q):
+            if combined and date_q and time_q and ("-" in date_q or "-" in time_q):
                 ok &= combined_match(date_q, time_q, attrs.get(date_key), attrs.get(time_key))
                 done |= {date_key, time_key}
         for keyword, value in matching.items():
@@ -594,12 +597,12 @@ SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 
 def plan_match(index: SQLiteIndex, model: str, level: str, keys: dict,
-               syntax: str | None = None) -> tuple[list[str], bool]:
+               syntax: str | None = None, combined: bool = True) -> tuple[list[str], bool]:
     """The SCP's way: ``plan_query``'s SQL on the index, then ``build_response`` (which
     applies the sequence filters). With ``syntax``, each response is also encoded as the
     SCP sends it (``encode_response``) and must be the bytes pydicom writes."""
     identifier = identifier_dataset(level, keys)
-    query = plan_query(identifier, model)
+    query = plan_query(identifier, model, combine_date_time=combined)
     unique = f"{pydicom.datadict.tag_for_keyword(UNIQUE[level]):08X}"
     found = []
     for row in index.db.execute(query.sql, query.params):
@@ -630,8 +633,9 @@ def test_plan_query_matches_reference(index, data, instances):
     fill_index(index, instances)
     model, level, keys = data.draw(identifiers(instances), label="identifier")
     syntax = data.draw(st.sampled_from(SYNTAXES), label="transfer syntax")
-    found, unsupported = plan_match(index, model, level, keys, syntax)
-    expected, expected_unsupported = reference_match(instances, model, level, keys)
+    combined = data.draw(st.booleans(), label="combined date-time matching negotiated")
+    found, unsupported = plan_match(index, model, level, keys, syntax, combined)
+    expected, expected_unsupported = reference_match(instances, model, level, keys, combined)
     assert sorted(found) == sorted(expected), (model, level, keys)
     assert unsupported == expected_unsupported, (model, level, keys)
 
@@ -747,6 +751,18 @@ def test_combined_date_time_example(index):
     assert sorted(plan_match(index, "study", "STUDY", keys)[0]) == [ROOT + "2", ROOT + "3"]
     assert sorted(reference_match(instances, "study", "STUDY", keys)[0]) == \
         [ROOT + "2", ROOT + "3"]
+
+
+def test_date_and_time_matched_apart_without_negotiation(index):
+    """C.2.2.2.5.1 applies only when combined date-time matching was negotiated
+    (C.5.1.1.2); otherwise 20230115-20230116 and 0800-0829 are two conditions, and
+    20230116 at 07:00 is outside the time range."""
+    instances = _small_archive()
+    fill_index(index, instances)
+    keys = {"StudyInstanceUID": "", "StudyDate": "20230115-20230116", "StudyTime": "0800-0829"}
+    apart = sorted(plan_match(index, "study", "STUDY", keys, combined=False)[0])
+    assert apart == sorted(reference_match(instances, "study", "STUDY", keys, False)[0])
+    assert ROOT + "2" not in apart
 
 
 def test_query_error_for_missing_unique_key():

@@ -216,11 +216,15 @@ JOINED = {"PATIENT": ("p",), "STUDY": ("p", "s"), "SERIES": ("p", "s", "x"),
           "IMAGE": ("p", "s", "x", "i")}
 
 
-def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = False) -> Query:
+def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = False,
+               combine_date_time: bool = False) -> Query:
     """Turn an identifier into SQL on the index (hierarchical search, PS3.4 C.4.1.3.1.1).
 
     ``select_files``: select the matching instances' files (for C-MOVE/C-GET)
-    instead of the level's records.
+    instead of the level's records. ``combine_date_time``: the SCU negotiated
+    combined date-time matching (PS3.4 C.5.1.1.2, extended negotiation byte 2),
+    so a Date and its Time are one range (C.2.2.2.5.1); otherwise each is
+    matched on its own.
     """
     levels = MODEL_LEVELS[model]
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
@@ -265,9 +269,10 @@ def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = Fal
         values[tag] = text_value(element)
         if tag == 0x00080061:
             condition = _computed_condition(tag, values[tag], params)
-        elif tag in DATE_TIME_PAIRS.values() and _paired_date(identifier, tag):
+        elif combine_date_time and tag in DATE_TIME_PAIRS.values() \
+                and _paired_date(identifier, tag):
             continue                      # handled with its date below
-        elif tag in DATE_TIME_PAIRS and _combined(identifier, tag):
+        elif combine_date_time and tag in DATE_TIME_PAIRS and _combined(identifier, tag):
             condition = _date_time_condition(table, key.keyword,
                                              keyword_for_tag(DATE_TIME_PAIRS[tag]),
                                              values[tag], text_value(identifier[DATE_TIME_PAIRS[tag]]),
@@ -371,12 +376,12 @@ def item_matches(query_item: pydicom.Dataset, stored_items: list[pydicom.Dataset
 
 def _element_matches(element, stored: pydicom.Dataset) -> bool:
     if element.VR == "SQ":
-        if not element.value or not len(element.value[0]):
+        if not element.value or not _item_has_matching_key(element.value[0]):
             return True
         other = stored.get(element.tag)
         return other is not None and item_matches(element.value[0], list(other.value or []))
     query = text_value(element)
-    if query in ("", "*"):
+    if query.strip("*") == "":
         return True
     other = stored.get(element.tag)
     return other is not None and _matches_text(element.VR, query, text_value(other))

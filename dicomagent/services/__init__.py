@@ -35,6 +35,8 @@ class ServiceClass:
     transfer_syntaxes: tuple[str, ...] = ()
     handlers: dict = field(default_factory=dict)
     sinks: dict = field(default_factory=dict)
+    #: ``answer(requested bytes) -> bytes | None`` for SOP Class Extended Negotiation.
+    extended_negotiation: object = None
 
 
 def registry(config=None) -> list[ServiceClass]:
@@ -54,6 +56,12 @@ def acceptor_abstract_syntaxes(services: list[ServiceClass]) -> dict[str, Abstra
             table[uid] = AbstractSyntaxSupport(scp=service.scp, scu=service.scu,
                                                transfer_syntaxes=service.transfer_syntaxes)
     return table
+
+
+def extended_negotiation_table(services: list[ServiceClass]) -> dict:
+    """SOP class UID -> the service's extended negotiation answer (PS3.7 D.3.3.5)."""
+    return {uid: service.extended_negotiation for service in services
+            if service.extended_negotiation is not None for uid in service.sop_classes}
 
 
 def dispatch_table(services: list[ServiceClass], kind: str = "handlers") -> dict[tuple[type, str], object]:

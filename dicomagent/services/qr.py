@@ -135,9 +135,11 @@ async def handle_c_find(association, context, received) -> None:
             Status=status, ErrorComment=comment),
             encode_response(data, context.transfer_syntax) if data is not None else None)
 
+    extended = association.extended.get(context.abstract_syntax, b"")
     try:
         identifier = _read_identifier(received, context)
-        query = plan_query(identifier, MODEL[context.abstract_syntax])
+        query = plan_query(identifier, MODEL[context.abstract_syntax],
+                           combine_date_time=extended[1:2] == b"\x01")
     except QueryError as error:
         log.warning("%s C-FIND refused: %s", association.describe(), error.comment)
         respond(error.status, comment=error.comment[:64])
@@ -369,12 +371,28 @@ async def handle_c_get(association, context, received) -> None:
     respond(status, counts, data=counts.failed_identifier(level))
 
 
+def find_extended_negotiation(requested: bytes) -> bytes | None:
+    """PS3.4 C.5.1.1.2 (Table C.5-1): answer the C-FIND extended negotiation.
+
+    Byte 1 relational-queries: not supported (0). Byte 2 combined date-time
+    matching: supported, as requested. Bytes 3-4 (fuzzy semantic matching,
+    timezone query adjustment): not supported. The answer has the request's length.
+    """
+    if not requested:
+        return None
+    answer = bytearray(len(requested))
+    if len(requested) >= 2:
+        answer[1] = 1 if requested[1] == 1 else 0
+    return bytes(answer)
+
+
 FIND = ServiceClass(
     name="Query/Retrieve - FIND",
     reference="PS3.4 C.4.1",
     sop_classes={STUDY_ROOT_FIND: "Study Root Query/Retrieve Information Model - FIND",
                  PATIENT_ROOT_FIND: "Patient Root Query/Retrieve Information Model - FIND"},
     handlers={C_FIND_RQ: handle_c_find},
+    extended_negotiation=find_extended_negotiation,
 )
 
 MOVE = ServiceClass(

@@ -24,7 +24,7 @@ from dicomagent.ul.items import (ApplicationContextItem, AsynchronousOperationsW
                                  ImplementationClassUIDSubItem, ImplementationVersionNameSubItem,
                                  MaximumLengthSubItem, PresentationContextItemAC,
                                  PresentationContextItemRQ, SCPSCURoleSelectionSubItem,
-                                 UserInformationItem)
+                                 SOPClassExtendedNegotiationSubItem, UserInformationItem)
 from dicomagent.ul.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from dicomagent.ul.primitives import AAssociateResponse
 
@@ -56,6 +56,10 @@ class AcceptorPolicy:
     maximum_length_received: int = 0
     implementation_class_uid: str = IMPLEMENTATION_CLASS_UID
     implementation_version_name: str = IMPLEMENTATION_VERSION_NAME
+    #: SOP class UID -> function(requested service-class-application-information)
+    #: returning the bytes to answer with, or None to leave the sub-item out
+    #: (PS3.7 D.3.3.5: SOP Class Extended Negotiation).
+    extended_negotiation: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,12 @@ def negotiate(rq: A_ASSOCIATE_RQ, policy: AcceptorPolicy) -> AAssociateResponse:
                 uid, int(bool(proposed.scu_role) and support.scp),
                 int(bool(proposed.scp_role) and support.scu)))
     sub_items.append(ImplementationVersionNameSubItem(policy.implementation_version_name))
+    for item in user_information.sub_items:
+        if type(item) is SOPClassExtendedNegotiationSubItem:
+            answer = policy.extended_negotiation.get(item.sop_class_uid)
+            reply = answer(item.service_class_application_information) if answer else None
+            if reply is not None:
+                sub_items.append(SOPClassExtendedNegotiationSubItem(item.sop_class_uid, reply))
     items.append(UserInformationItem(tuple(sub_items)))
     return AAssociateResponse(ac=A_ASSOCIATE_AC(rq.called_ae_title, rq.calling_ae_title,
                                                 tuple(items)))
@@ -179,6 +189,13 @@ def build_associate_rq(calling_ae_title: str, called_ae_title: str,
                  *extra_sub_items]
     items.append(UserInformationItem(tuple(sub_items)))
     return A_ASSOCIATE_RQ(called_ae_title, calling_ae_title, tuple(items))
+
+
+def accepted_extended_negotiation(ac: A_ASSOCIATE_AC) -> dict[str, bytes]:
+    """PS3.7 D.3.3.5: what the acceptor answered, by SOP class (absent: nothing agreed)."""
+    return {item.sop_class_uid: item.service_class_application_information
+            for item in ac.user_information.sub_items
+            if type(item) is SOPClassExtendedNegotiationSubItem}
 
 
 def accepted_contexts(rq: A_ASSOCIATE_RQ, ac: A_ASSOCIATE_AC) -> dict[int, PresentationContext]:
