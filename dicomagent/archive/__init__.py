@@ -186,11 +186,11 @@ class _Call:
     def run(self, archive) -> None:
         try:
             result = self.function(archive, *self.args)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller
+        except Exception as error:  # noqa: BLE001 - handed to the caller
             archive.index.rollback()
-            self.future.set_exception(error)
+            _settle(self.future, exception=error)
         else:
-            self.future.set_result(result)
+            _settle(self.future, result=result)
 
 
 class Archive:
@@ -345,7 +345,7 @@ class Archive:
                         job.result = StoreResult(OUT_OF_RESOURCES,
                                                  f"archive write failed: {error}")
         for job in batch:
-            job.future.set_result(job.result)
+            _settle(job.future, result=job.result)
 
     def _check(self, job: _Job) -> StoreResult:
         """Parse, compare with the command, decide duplicates, flush: the object's status."""
@@ -539,6 +539,17 @@ class Archive:
         except (NotPart10Error, OSError) as error:
             return StoreResult(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {error}")
         return self.submit(incoming).result()
+
+
+def _settle(future: concurrent.futures.Future, result=None, exception=None) -> None:
+    """Give a caller its result, unless it stopped waiting (a cancelled future must not
+    take the worker thread down)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)
 
 
 def _fsync_directory(directory: str) -> None:

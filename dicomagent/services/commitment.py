@@ -298,9 +298,10 @@ class Reporter:
             wait = min(LAST_RETRY, FIRST_RETRY * 2 ** record["attempts"])
             log.warning("storage commitment %s: report to %s failed (%s); next try in %.0f s",
                         transaction_uid, record["calling_ae_title"], error, wait)
+            reason = str(error)         # `error` is gone once this block ends
             await asyncio.wrap_future(archive.call(
                 lambda a: a.index.commitment_retry(transaction_uid, time.time() + wait,
-                                                   str(error))))
+                                                   reason)))
             return
         await asyncio.wrap_future(archive.call(
             lambda a: a.index.commitment_reported(transaction_uid)))
