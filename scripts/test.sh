@@ -9,7 +9,9 @@
 # FUZZ_SECONDS seconds each (default 20; 0 skips fuzzing). Files in fuzz/ whose name starts
 # with "_" are helpers, not harnesses. Exits non-zero if any step fails.
 #
-# Environment: PYTHON (default python3), FUZZ_SECONDS (default 20).
+# Then the three benchmarks run briefly (BENCH=0 skips them).
+#
+# Environment: PYTHON (default python3), FUZZ_SECONDS (default 20), BENCH (default 1).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -87,6 +89,30 @@ else
     else
         rm -rf "$scratch"
     fi
+fi
+
+# --- benchmarks, briefly: they run our node beside DCMTK and Orthanc and fail loudly on a lost
+# object or a wrong match count; the full runs are `python3 bench/NAME.py` (see README) ------
+if [[ "${BENCH:-1}" == 0 ]]; then
+    echo "bench: skipped (BENCH=0)"
+else
+    for bench in "associations.py --n 300 --rounds 2 --warmup 50" "store.py --quick" \
+                 "query.py --instances 20000 --queries 30 --rounds 1"; do
+        name=${bench%% *}
+        log=$(mktemp)
+        status=0
+        # shellcheck disable=SC2086
+        "$PYTHON" bench/$bench >"$log" 2>&1 || status=$?
+        if ((status == 0)); then
+            echo "bench $name: ok"
+            grep -E "^ratio|^ratios" "$log" | sed 's/^/    /' || true
+        else
+            echo "bench $name: FAILED (exit $status); last lines of its output:"
+            tail -n 40 "$log" | sed 's/^/    /'
+            failed+=("bench $name (exit $status)")
+        fi
+        rm -f "$log"
+    done
 fi
 
 if ((${#failed[@]})); then
