@@ -13,7 +13,6 @@ configuration error; 3 no connection (refused, unreachable, timed out);
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -144,7 +143,7 @@ def _setup_logging(verbosity: int, default=logging.INFO) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def load_with_overrides(args) -> "Config":
+def load_with_overrides(args):
     config = load_config(args.config)
     agent = config.agent
     if getattr(args, "data_dir", None):

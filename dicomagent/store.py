@@ -24,7 +24,7 @@ import pydicom
 
 from dicomagent.archive.part10 import NotPart10Error, read_file_meta
 from dicomagent.association import AssociationError, associate
-from dicomagent.dimse.commands import C_STORE_RQ, encode_command
+from dicomagent.dimse.commands import C_STORE_RQ
 from dicomagent.dimse.status import StatusCategory, category
 from dicomagent.transcode import UNCOMPRESSED, can_convert, encode_data_set
 from dicomagent.ul.negotiation import ProposedContext

@@ -49,7 +49,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from dicomagent.archive.header import record_from_head, uids_from_record
-from dicomagent.archive.incoming import HEAD_LIMIT, IncomingFile, create_temporary, write_all
+from dicomagent.archive.incoming import IncomingFile, create_temporary
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
 from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
                                      STUDY_KEYS)

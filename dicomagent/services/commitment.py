@@ -30,7 +30,7 @@ import pydicom
 
 from dicomagent.association import AssociationError, associate
 from dicomagent.dimse.commands import (DATA_SET_PRESENT, N_ACTION_RQ, N_ACTION_RSP,
-                                       N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP)
+                                       N_EVENT_REPORT_RQ)
 from dicomagent.dimse.status import StatusCategory, category
 from dicomagent.services import ServiceClass
 from dicomagent.transcode import decode, encode
@@ -115,7 +115,6 @@ def _verify_all(archive, transaction_uid: str, references: list, now: float):
 async def handle_n_action(association, context, received) -> None:
     """PS3.4 J.3.2: record the request, answer, verify, then report."""
     request: N_ACTION_RQ = received.command
-    archive = association.agent.archive
 
     def respond(status: int, comment: str | None = None) -> None:
         association.send_message(context.context_id, N_ACTION_RSP(

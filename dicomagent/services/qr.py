@@ -228,6 +228,23 @@ class _SubOperations:
         return ds
 
 
+async def _retrieve_request(association, context, received, respond, what: str):
+    """(level, files) a C-MOVE / C-GET identifier selects; or None once the failure
+    (A900 and the like) has been answered."""
+    try:
+        identifier = _read_identifier(received, context)
+        level = str(identifier.get("QueryRetrieveLevel", ""))
+        files = await _matching_files(association, identifier, MODEL[context.abstract_syntax])
+    except QueryError as error:
+        respond(error.status, comment=error.comment[:64])
+        return None
+    except Exception as error:  # noqa: BLE001 - an identifier pydicom cannot read
+        log.warning("%s %s identifier not usable: %s", association.describe(), what, error)
+        respond(IDENTIFIER_DOES_NOT_MATCH, comment="identifier cannot be parsed")
+        return None
+    return level, files
+
+
 def _retrieve_responder(association, context, request, response_class):
     """``respond(status, counts, final, data, comment)`` for C-MOVE-RSP / C-GET-RSP."""
 
@@ -255,7 +272,6 @@ async def handle_c_move(association, context, received) -> None:
     from dicomagent.store import plan_associations, read_local_file, send_one
     request: C_MOVE_RQ = received.command
     message_id = request.MessageID
-    level = "?"
 
     respond = _retrieve_responder(association, context, request, C_MOVE_RSP)
 
@@ -265,17 +281,10 @@ async def handle_c_move(association, context, received) -> None:
                     request.MoveDestination)
         respond(MOVE_DESTINATION_UNKNOWN, comment="Move Destination unknown")
         return
-    try:
-        identifier = _read_identifier(received, context)
-        level = str(identifier.get("QueryRetrieveLevel", ""))
-        files = await _matching_files(association, identifier, MODEL[context.abstract_syntax])
-    except QueryError as error:
-        respond(error.status, comment=error.comment[:64])
+    found = await _retrieve_request(association, context, received, respond, "C-MOVE")
+    if found is None:
         return
-    except Exception as error:  # noqa: BLE001
-        log.warning("%s C-MOVE identifier not usable: %s", association.describe(), error)
-        respond(IDENTIFIER_DOES_NOT_MATCH, comment="identifier cannot be parsed")
-        return
+    level, files = found
     counts = _SubOperations(len(files))
     if not files:
         respond(SUCCESS, counts)
@@ -334,21 +343,13 @@ async def handle_c_get(association, context, received) -> None:
     from dicomagent.store import read_local_file, send_one
     request: C_GET_RQ = received.command
     message_id = request.MessageID
-    level = "?"
 
     respond = _retrieve_responder(association, context, request, C_GET_RSP)
 
-    try:
-        identifier = _read_identifier(received, context)
-        level = str(identifier.get("QueryRetrieveLevel", ""))
-        files = await _matching_files(association, identifier, MODEL[context.abstract_syntax])
-    except QueryError as error:
-        respond(error.status, comment=error.comment[:64])
+    found = await _retrieve_request(association, context, received, respond, "C-GET")
+    if found is None:
         return
-    except Exception as error:  # noqa: BLE001
-        log.warning("%s C-GET identifier not usable: %s", association.describe(), error)
-        respond(IDENTIFIER_DOES_NOT_MATCH, comment="identifier cannot be parsed")
-        return
+    level, files = found
     counts = _SubOperations(len(files))
     for local in files:
         if message_id in association.cancelled:

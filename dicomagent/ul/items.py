@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from dicomagent.ul.codes import AbortReason, PDUDecodeError
+from dicomagent.ul.codes import PDUDecodeError
 
 #: PS3.8 §9.3.2: Item-type, Reserved, Item-length.
 ITEM_HEADER = struct.Struct(">BBH")
