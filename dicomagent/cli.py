@@ -1,7 +1,9 @@
 """The ``dicomagent`` command.
 
 Subcommands: ``serve`` (the daemon), ``echo`` (Verification SCU), ``store``
-(Storage SCU), ``ls`` and ``import`` (the local archive). Flags
+(Storage SCU), ``find`` / ``move`` / ``get`` (Query/Retrieve SCU), ``commit``
+(Storage Commitment SCU), ``ls``, ``import`` and ``retention`` (the local
+archive); ``worklist``, ``mpps`` and ``outbox`` live in ``cli_workflow``. Flags
 follow DCMTK's tools where DICOM people already know them: ``HOST PORT``
 positionals, ``-aet`` / ``-aec`` as aliases of ``--aet`` / ``--aec``.
 
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import", help="add DICOM files from disk to the archive")
     _add_local_options(imp)
     imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
+
+    from dicomagent import cli_workflow
+    cli_workflow.add_parsers(commands)
     return parser
 
 
@@ -549,4 +554,5 @@ COMMANDS = {"commit": cmd_commit, "retention": cmd_retention, "find": cmd_find, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    from dicomagent import cli_workflow
+    return {**COMMANDS, **cli_workflow.COMMANDS}[args.command](args)

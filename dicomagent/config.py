@@ -94,6 +94,21 @@ class RetentionConfig:
 
 
 @dataclass
+class MppsConfig:
+    #: Peers (names of ``[peers.NAME]`` tables) that get every accepted N-CREATE / N-SET.
+    forward_to: list[str] = field(default_factory=list)
+    #: Delete MPPS instances not updated for this many days; 0 = keep them.
+    lifetime_days: float = 0.0
+
+
+@dataclass
+class OutboxConfig:
+    #: Back-off for a forwarding peer that cannot be reached: first wait, doubling up to last (s).
+    first_retry: float = 10.0
+    last_retry: float = 3600.0
+
+
+@dataclass
 class Peer:
     ae_title: str
     host: str
@@ -105,6 +120,8 @@ class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
     storage: StorageConfig = field(default_factory=StorageConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    mpps: MppsConfig = field(default_factory=MppsConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
     peers: dict[str, Peer] = field(default_factory=dict)
 
     # Shortcuts used everywhere.
@@ -206,6 +223,11 @@ def validate(config: Config) -> Config:
         peer.ae_title = _check_ae_title(peer.ae_title, f"peers.{name}.ae_title")
         if not 0 < peer.port < 65536:
             raise ConfigError(f"peers.{name}.port: must be 1 to 65535, got {peer.port}")
+    for i, name in enumerate(config.mpps.forward_to):
+        if name not in config.peers:
+            raise ConfigError(f"mpps.forward_to[{i}]: no [peers.{name}] table")
+    if not 0 < config.outbox.first_retry <= config.outbox.last_retry:
+        raise ConfigError("outbox.first_retry: must be positive and at most outbox.last_retry")
     return config
 
 

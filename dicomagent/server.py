@@ -13,12 +13,15 @@ PS3.8 §7.1 (association establishment), Table 9-21 (local-limit-exceeded).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
+import time
 
 from dicomagent import services
 from dicomagent.archive import Archive, StorageSettings
+from dicomagent.archive.workflow import WorkflowStore
 from dicomagent.association import AcceptorAssociation
 from dicomagent.config import Config
 from dicomagent.ul.codes import RejectReason, RejectResult, RejectSource
@@ -58,13 +61,25 @@ class Agent:
             maximum_length_received=agent.max_pdu_length,
             extended_negotiation=services.extended_negotiation_table(self.services))
         self._negotiated: dict = {}
+        #: Worklist, procedure steps and outbox: one connection, used on one thread.
+        self.workflow = WorkflowStore(os.path.join(self.archive.data_dir, "index.sqlite"))
+        self._workflow_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="workflow")
+        from dicomagent.forward import Forwarder
         from dicomagent.services.commitment import Reporter
         self.reporter = Reporter(self)
+        self.forwarder = Forwarder(self)
         self.send_cap = agent.max_pdu_send_length
         self.log_contexts = agent.log_contexts
         self.associations: set[AcceptorAssociation] = set()
         self.server: asyncio.base_events.Server | None = None
         self._retention: asyncio.Task | None = None
+        self._expiry: asyncio.Task | None = None
+
+    async def in_workflow(self, function, *args):
+        """``function(workflow_store, *args)`` on the workflow thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._workflow_thread, function, self.workflow, *args)
 
     def negotiate(self, rq):
         """``negotiate`` with the agent's policy, and the contexts it accepts.
@@ -110,10 +125,23 @@ class Agent:
         log.info("listening on %s:%d as %s (data dir %s)", agent.host, self.port,
                  agent.ae_title, agent.data_dir)
         self.reporter.start()
+        self.forwarder.start()
+        if self.config.mpps.lifetime_days:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire_mpps())
         if self.config.retention.max_age_days:
             from dicomagent.retention import retention_loop
             self._retention = asyncio.get_running_loop().create_task(
                 retention_loop(self.archive, self.config.retention))
+
+    async def _expire_mpps(self) -> None:
+        """Seed 3.1.3.6.3: MPPS instances live ``[mpps] lifetime_days``; checked hourly."""
+        from dicomagent.services.mpps import expire
+        while True:
+            removed = await self.in_workflow(expire, self.config.mpps.lifetime_days, time.time())
+            if removed:
+                log.info("removed %d MPPS instance(s) older than %g days", removed,
+                         self.config.mpps.lifetime_days)
+            await asyncio.sleep(3600)
 
     @property
     def port(self) -> int:
@@ -144,8 +172,12 @@ class Agent:
         if self.server is not None:
             await self.server.wait_closed()
         await self.reporter.stop()
-        if self._retention is not None:
-            self._retention.cancel()
+        await self.forwarder.stop()
+        for task in (self._retention, self._expiry):
+            if task is not None:
+                task.cancel()
+        self._workflow_thread.shutdown(wait=True)
+        self.workflow.close()
         self.archive.close()
 
     async def serve_forever(self) -> None:

@@ -131,7 +131,7 @@ def _range_condition(column: str, value: str, params: list) -> str:
     return f"({column} <> '' AND {' AND '.join(parts)})"
 
 
-def _value_condition(column: str, vr: str, value: str, params: list) -> str | None:
+def value_condition(column: str, vr: str, value: str, params: list) -> str | None:
     """The SQL condition for one key; None for universal matching.
 
     PS3.4 C.2.2.2.4: "*" matches any sequence of characters, the empty one
@@ -249,7 +249,7 @@ def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = Fal
             continue
         query.return_tags.append(tag)
         if element.VR == "SQ":
-            value_present = bool(element.value) and _item_has_matching_key(element.value[0])
+            value_present = bool(element.value) and item_has_matching_key(element.value[0])
         else:
             value_present = text_value(element).strip("*") != ""
         found = key_level(tag, model)
@@ -273,13 +273,13 @@ def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = Fal
                 and _paired_date(identifier, tag):
             continue                      # handled with its date below
         elif combine_date_time and tag in DATE_TIME_PAIRS and _combined(identifier, tag):
-            condition = _date_time_condition(table, key.keyword,
+            condition = date_time_condition(table, key.keyword,
                                              keyword_for_tag(DATE_TIME_PAIRS[tag]),
                                              values[tag], text_value(identifier[DATE_TIME_PAIRS[tag]]),
                                              params)
         else:
             column = f"{table}.{key.keyword}"
-            condition = _value_condition(column, key.vr, values[tag], params)
+            condition = value_condition(column, key.vr, values[tag], params)
         if condition:
             conditions.append(condition)
     if select_files:
@@ -289,7 +289,7 @@ def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = Fal
     else:
         columns = [f"{alias}.attrs" for alias in JOINED[level]]
         columns += [f"{COMPUTED_SQL[tag]}" for tag in query.return_tags
-                    if tag in COMPUTED_SQL and _computed_visible(tag, level)]
+                    if tag in COMPUTED_SQL and computed_visible(tag, level)]
         select = ", ".join(columns)
         from_clause = FROM_CLAUSE[level]
         order = ORDER_BY[level]
@@ -298,19 +298,19 @@ def plan_query(identifier: pydicom.Dataset, model: str, select_files: bool = Fal
     return query
 
 
-def _item_has_matching_key(item: pydicom.Dataset) -> bool:
+def item_has_matching_key(item: pydicom.Dataset) -> bool:
     """PS3.4 C.2.2.2.6: an item whose keys are all zero length (or "*") only asks for
     them to be returned; it does not select (DCMTK writes ``-k Seq[0].Key`` so)."""
     for element in item:
         if element.VR == "SQ":
-            if element.value and _item_has_matching_key(element.value[0]):
+            if element.value and item_has_matching_key(element.value[0]):
                 return True
         elif text_value(element).strip("*") != "":
             return True
     return False
 
 
-def _computed_visible(tag: int, level: str) -> bool:
+def computed_visible(tag: int, level: str) -> bool:
     """Computed study keys at STUDY level, the series count at SERIES level."""
     return (tag in (0x00080061, 0x00201206, 0x00201208) and level == "STUDY") or \
         (tag == 0x00201209 and level == "SERIES")
@@ -335,7 +335,7 @@ def _combined(identifier: pydicom.Dataset, date_tag: int) -> bool:
         ("-" in date or "-" in time)
 
 
-def _date_time_condition(alias: str, date_column: str, time_column: str, date: str, time: str,
+def date_time_condition(alias: str, date_column: str, time_column: str, date: str, time: str,
                          params: list) -> str:
     """Date and Time as one date-time range: ``date-date`` with ``time-time`` spans
     from the first date at the first time to the last date at the last time."""
@@ -350,7 +350,7 @@ def _date_time_condition(alias: str, date_column: str, time_column: str, date: s
 
 
 def _matches_text(vr: str, query: str, stored: str) -> bool:
-    """Python form of ``_value_condition``, for keys inside sequence items."""
+    """Python form of ``value_condition``, for keys inside sequence items."""
     if query.strip("*") == "":
         return True
     if vr == "UI" and "\\" in query:
@@ -369,14 +369,14 @@ def _matches_text(vr: str, query: str, stored: str) -> bool:
 def item_matches(query_item: pydicom.Dataset, stored_items: list[pydicom.Dataset]) -> bool:
     """PS3.4 C.2.2.2.6: sequence matching — some stored item matches every key of the query item."""
     for stored in stored_items:
-        if all(_element_matches(element, stored) for element in query_item):
+        if all(element_matches(element, stored) for element in query_item):
             return True
     return False
 
 
-def _element_matches(element, stored: pydicom.Dataset) -> bool:
+def element_matches(element, stored: pydicom.Dataset) -> bool:
     if element.VR == "SQ":
-        if not element.value or not _item_has_matching_key(element.value[0]):
+        if not element.value or not item_has_matching_key(element.value[0]):
             return True
         other = stored.get(element.tag)
         return other is not None and item_matches(element.value[0], list(other.value or []))
@@ -384,7 +384,12 @@ def _element_matches(element, stored: pydicom.Dataset) -> bool:
     if query.strip("*") == "":
         return True
     other = stored.get(element.tag)
-    return other is not None and _matches_text(element.VR, query, text_value(other))
+    if other is None:
+        return False
+    if other.VM > 1 and element.VR != "UI":
+        # A multi-valued attribute matches when one of its values does.
+        return any(_matches_text(element.VR, query, str(value)) for value in other.value)
+    return _matches_text(element.VR, query, text_value(other))
 
 
 def vr_of(tag: int) -> str:

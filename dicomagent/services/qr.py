@@ -19,7 +19,7 @@ import os
 import pydicom
 
 from dicomagent.archive.index import unpack_attrs
-from dicomagent.archive.query import (COMPUTED_SQL, JOINED, QueryError, _computed_visible,
+from dicomagent.archive.query import (COMPUTED_SQL, JOINED, QueryError, computed_visible,
                                       item_matches, plan_query, vr_of)
 from dicomagent.association import AssociationError, associate
 from dicomagent.dimse.commands import (C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RSP, C_MOVE_RQ,
@@ -77,7 +77,7 @@ def build_response(query, row, identifier: pydicom.Dataset, retrieve_ae_title: s
     out: dict = {}
     for tag in query.return_tags:
         key = f"{tag:08X}"
-        if tag in COMPUTED_SQL and _computed_visible(tag, query.level):
+        if tag in COMPUTED_SQL and computed_visible(tag, query.level):
             value = next(computed)
             vr = vr_of(tag)
             if tag == 0x00080061:

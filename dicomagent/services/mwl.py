@@ -1,0 +1,97 @@
+"""PS3.4 Annex K: Modality Worklist Information Model - FIND, SCP.
+
+The worklist lives in the workflow store (``dicomagent.archive.workflow``),
+filled by ``dicomagent worklist add`` and emptied as performed procedure steps
+complete (``dicomagent.services.mpps``). A C-FIND-RQ's identifier is matched
+as ``dicomagent.archive.worklist`` describes; each matching item goes back as
+a pending response with the keys asked for, then the final status: the
+seed's Table 40 (0000, FF00, A900, C001, FE00 after C-CANCEL).
+
+References
+----------
+PS3.4 K.4.1.3 (C-FIND SCP behaviour), K.6.1 (information model);
+PS3.7 §9.1.2; seed 3.1.3.2.6, Tables 6, 40, 49-57.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from dicomagent.archive import worklist
+from dicomagent.dimse.commands import C_FIND_RQ, C_FIND_RSP, DATA_SET_PRESENT, NO_DATA_SET
+from dicomagent.services import ServiceClass
+from dicomagent.services.qr import encode_response
+from dicomagent.transcode import decode
+
+log = logging.getLogger("dicomagent.mwl")
+
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+
+SUCCESS, PENDING, CANCEL = 0x0000, 0xFF00, 0xFE00
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC001
+
+#: Responses sent between two looks for a C-CANCEL-RQ.
+BATCH = 50
+
+
+def _find(store, query: worklist.WorklistQuery) -> list[dict]:
+    """On the workflow thread: the response identifiers of the matching items."""
+    return [worklist.response(query.identifier, attrs)
+            for _, attrs in store.query_worklist(query.where, query.params)
+            if worklist.matches(query, attrs)]
+
+
+async def handle_c_find(association, context, received) -> None:
+    """PS3.4 K.4.1.3: a pending response per matching worklist item, then success."""
+    request: C_FIND_RQ = received.command
+    message_id = request.MessageID
+
+    def respond(status: int, data: dict | None = None, comment: str | None = None):
+        association.send_message(context.context_id, C_FIND_RSP(
+            AffectedSOPClassUID=request.AffectedSOPClassUID,
+            MessageIDBeingRespondedTo=message_id,
+            CommandDataSetType=DATA_SET_PRESENT if data is not None else NO_DATA_SET,
+            Status=status, ErrorComment=comment),
+            encode_response(data, context.transfer_syntax) if data is not None else None)
+
+    try:
+        query = worklist.plan(decode(received.data_set or b"", context.transfer_syntax))
+    except Exception as error:  # noqa: BLE001 - an identifier pydicom cannot read
+        log.warning("%s worklist C-FIND identifier cannot be read: %s",
+                    association.describe(), error)
+        respond(IDENTIFIER_DOES_NOT_MATCH, comment="identifier cannot be parsed")
+        return
+    agent = association.agent
+    try:
+        responses = await agent.in_workflow(_find, query)
+    except Exception as error:  # noqa: BLE001 - a database failure
+        log.error("%s worklist C-FIND failed: %s", association.describe(), error)
+        respond(UNABLE_TO_PROCESS, comment="unable to process")
+        return
+    for start in range(0, len(responses), BATCH):
+        for data in responses[start:start + BATCH]:
+            if message_id in association.cancelled:
+                association.cancelled.discard(message_id)
+                log.info("%s worklist C-FIND cancelled after %d matches",
+                         association.describe(), start)
+                respond(CANCEL)
+                return
+            respond(PENDING, data)
+        await association.ul.drain()
+        await asyncio.sleep(0)              # let a C-CANCEL-RQ in
+    if message_id in association.cancelled:
+        association.cancelled.discard(message_id)
+        respond(CANCEL)
+        return
+    log.info("%s worklist C-FIND: %d matches", association.describe(), len(responses))
+    respond(SUCCESS)
+
+
+SERVICE = ServiceClass(
+    name="Modality Worklist",
+    reference="PS3.4 Annex K",
+    sop_classes={MODALITY_WORKLIST_FIND: "Modality Worklist Information Model - FIND"},
+    handlers={C_FIND_RQ: handle_c_find},
+)
