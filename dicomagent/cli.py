@@ -87,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-L", "--level", type=str.upper,
                          choices=("PATIENT", "STUDY", "SERIES", "IMAGE"),
                          help="Query/Retrieve Level")
-        sub.add_argument("--model", choices=("study", "patient"), default="study",
-                         help="information model (default study root)")
+        sub.add_argument("--model", default="study",
+                         choices=("study", "patient") + (("mwl", "gpwl") if name == "find"
+                                                         else ()),
+                         help="information model: study or patient root (default study), "
+                              "or for find a worklist: mwl (Modality), gpwl (General Purpose)")
         sub.add_argument("-k", "--key", action="append", default=[], metavar="KEY=VALUE",
                          help="matching key (empty value: return key); keyword or gggg,eeee")
         if name == "find":
@@ -347,7 +350,8 @@ def cmd_import(args) -> int:
 def _identifier(args):
     from dicomagent.qrscu import parse_keys
     try:
-        return parse_keys(args.key, args.level)
+        from dicomagent.qrscu import WORKLIST_MODELS
+        return parse_keys(args.key, args.level, require_level=args.model not in WORKLIST_MODELS)
     except ValueError as error:
         print(f"dicomagent {args.command}: {error}", file=sys.stderr)
         return None

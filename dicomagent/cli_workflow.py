@@ -1,4 +1,5 @@
-"""``dicomagent worklist``, ``mpps`` and ``outbox``: the workflow commands.
+"""``dicomagent worklist``, ``mpps``, ``outbox``, ``gpsps``, ``gppps``, ``gpwl``:
+the workflow commands.
 
 - ``worklist add PATH...`` / ``ls [--json]`` / ``rm ID...``: the Modality
   Worklist of a data dir (a running daemon sees changes at once: it reads
@@ -6,7 +7,16 @@
 - ``mpps create HOST PORT FILE`` / ``mpps set HOST PORT UID FILE``: a
   modality's N-CREATE / N-SET (MPPS SCU), from a DICOM file or DICOM JSON;
   ``mpps ls [--json]``: the instances a daemon keeps;
-- ``outbox ls [--json]``: forwarded messages still waiting, and why.
+- ``outbox ls [--json]``: forwarded messages still waiting, and why;
+- ``gpsps add PATH...`` / ``ls`` / ``rm UID...``: schedule General Purpose
+  Scheduled Procedure Steps (status SCHEDULED, on the General Purpose
+  Worklist at once); ``gpsps action HOST PORT UID --status S
+  --transaction-uid U``: the N-ACTION of a performer (GP-SPS SCU);
+- ``gppps create HOST PORT FILE`` / ``set HOST PORT UID FILE`` / ``ls``:
+  General Purpose Performed Procedure Steps (GP-PPS SCU, and what the
+  daemon keeps);
+- ``gpwl HOST PORT -k KEY=VALUE...``: query a General Purpose Worklist
+  (``find --model gpwl``).
 
 Exit codes as for every command (``dicomagent.cli``); ``worklist add``
 exits 1 and adds nothing when any item is invalid.
@@ -56,11 +66,64 @@ def add_parsers(commands) -> None:
     ls.add_argument("--json", action="store_true",
                     help="print a list of DICOM JSON objects (PS3.18 Annex F)")
 
+    gpsps = commands.add_parser("gpsps", help="General Purpose Scheduled Procedure Steps")
+    actions = gpsps.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="schedule steps from DICOM or DICOM JSON files")
+    _add_local_options(add)
+    add.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
+    ls = actions.add_parser("ls", help="list the steps")
+    _add_local_options(ls)
+    ls.add_argument("--json", action="store_true", help="print JSON (steps as DICOM JSON)")
+    rm = actions.add_parser("rm", help="remove steps")
+    _add_local_options(rm)
+    rm.add_argument("uids", nargs="+", metavar="UID", help="SOP Instance UIDs")
+    action = actions.add_parser("action", help="send N-ACTION 'Request GP-SPS Status "
+                                               "Modification' (GP-SPS SCU)")
+    _add_scu_options(action)
+    action.add_argument("uid", metavar="UID", help="the step's SOP Instance UID")
+    action.add_argument("--status", required=True, type=str.upper,
+                        choices=("IN PROGRESS", "SUSPENDED", "COMPLETED", "DISCONTINUED"),
+                        help="the status asked for")
+    action.add_argument("--transaction-uid", metavar="UID",
+                        help="Transaction UID (new for IN PROGRESS; that one for the rest)")
+    action.add_argument("--performer", action="append", default=[], metavar="NAME",
+                        help="an Actual Human Performer's name (repeatable)")
+    _add_meta_option(action)
+
+    gppps = commands.add_parser("gppps", help="General Purpose Performed Procedure Steps")
+    actions = gppps.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="send N-CREATE (GP-PPS SCU)")
+    _add_scu_options(create)
+    create.add_argument("file", metavar="FILE", help="the data set: DICOM file or DICOM JSON")
+    create.add_argument("--uid", metavar="UID", help="Affected SOP Instance UID (default new)")
+    _add_meta_option(create)
+    update = actions.add_parser("set", help="send N-SET (GP-PPS SCU)")
+    _add_scu_options(update)
+    update.add_argument("uid", metavar="UID", help="the instance's SOP Instance UID")
+    update.add_argument("file", metavar="FILE", help="the modification list: DICOM or JSON")
+    _add_meta_option(update)
+    ls = actions.add_parser("ls", help="list the instances the daemon keeps")
+    _add_local_options(ls)
+    ls.add_argument("--json", action="store_true", help="print DICOM JSON")
+
+    gpwl = commands.add_parser("gpwl", help="General Purpose Worklist C-FIND SCU "
+                                            "(find --model gpwl)")
+    _add_scu_options(gpwl)
+    gpwl.add_argument("-k", "--key", action="append", default=[], metavar="KEY=VALUE",
+                      help="matching key (empty value: return key); keyword or gggg,eeee")
+    gpwl.add_argument("--json", action="store_true", help="print DICOM JSON (PS3.18 F)")
+
     outbox = commands.add_parser("outbox", help="forwarded messages still waiting")
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("ls", help="list them")
     _add_local_options(ls)
     ls.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_meta_option(parser) -> None:
+    parser.add_argument("--meta", action="store_true",
+                        help="propose the General Purpose Worklist Management Meta SOP Class "
+                             "instead of the SOP class itself")
 
 
 # --- reading data sets from files --------------------------------------------------------
@@ -104,9 +167,8 @@ def _print_rows(columns: list[str], rows: list[list]) -> None:
 
 
 def _first(attrs: dict, key: str) -> str:
-    value = (attrs.get(key) or {}).get("Value") or [""]
-    first = value[0]
-    return first.get("Alphabetic", "") if isinstance(first, dict) else str(first)
+    from dicomagent.services.mpps import text_of
+    return text_of(attrs, key)
 
 
 # --- worklist --------------------------------------------------------------------------
@@ -184,31 +246,47 @@ def cmd_mpps(args) -> int:
     except Exception as error:  # noqa: BLE001 - report any unreadable file
         print(f"dicomagent mpps {args.action}: {args.file}: {error}", file=sys.stderr)
         return EXIT_USAGE
-    result, code = _run(_scu_call(_send_mpps(args, ds), f"mpps {args.action}"))
+    from dicomagent.services.mpps import MODALITY_PERFORMED_PROCEDURE_STEP as MPPS
+    return _normalized(args, MPPS, ds, f"N-{args.action.upper()}")
+
+
+def _normalized(args, sop_class_uid: str, ds: pydicom.Dataset, operation: str,
+                action_type_id: int = 0) -> int:
+    """Send one N-CREATE / N-SET / N-ACTION; print its status; the exit code."""
+    from dicomagent.dimse.status import StatusCategory, category
+    result, code = _run(_scu_call(_send_normalized(args, sop_class_uid, ds, operation,
+                                                   action_type_id),
+                                  f"{args.command} {args.action}"))
     if result is None:
         return code
-    print(f"N-{args.action.upper()} {result.sop_instance_uid}: status 0x{result.status:04X}"
+    print(f"{operation} {result.sop_instance_uid}: status 0x{result.status:04X}"
           + (f" {result.error_comment}" if result.error_comment else ""))
-    from dicomagent.dimse.status import StatusCategory, category
     return EXIT_OK if category(result.status) in (StatusCategory.SUCCESS,
                                                   StatusCategory.WARNING) \
         else EXIT_FAILURE_STATUS
 
 
-async def _send_mpps(args, ds: pydicom.Dataset):
+async def _send_normalized(args, sop_class_uid: str, ds: pydicom.Dataset, operation: str,
+                           action_type_id: int):
     from dicomagent.association import associate
-    from dicomagent.normalized import n_create, n_set
-    from dicomagent.services.mpps import MODALITY_PERFORMED_PROCEDURE_STEP as MPPS
+    from dicomagent.normalized import n_action, n_create, n_set
+    from dicomagent.services.gp import GENERAL_PURPOSE_WORKLIST_META
     from dicomagent.ul.negotiation import ProposedContext
     from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
+    abstract_syntax = GENERAL_PURPOSE_WORKLIST_META if getattr(args, "meta", False) \
+        else sop_class_uid
     association = await associate(args.host, args.port, args.aet, args.aec,
-                                  [ProposedContext(MPPS, UNCOMPRESSED_TRANSFER_SYNTAXES)],
+                                  [ProposedContext(abstract_syntax,
+                                                   UNCOMPRESSED_TRANSFER_SYNTAXES)],
                                   artim_timeout=args.timeout, dimse_timeout=args.timeout,
                                   network_timeout=args.timeout)
     try:
-        if args.action == "create":
-            return await n_create(association, MPPS, args.uid, ds)
-        return await n_set(association, MPPS, args.uid, ds)
+        if operation == "N-CREATE":
+            return await n_create(association, sop_class_uid, args.uid, ds, abstract_syntax)
+        if operation == "N-SET":
+            return await n_set(association, sop_class_uid, args.uid, ds, abstract_syntax)
+        return await n_action(association, sop_class_uid, args.uid, action_type_id, ds,
+                              abstract_syntax)
     finally:
         await association.release()
 
@@ -275,4 +353,133 @@ def cmd_outbox(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"worklist": cmd_worklist, "mpps": cmd_mpps, "outbox": cmd_outbox}
+# --- General Purpose Scheduled / Performed Procedure Steps ------------------------------
+
+def cmd_gpsps(args) -> int:
+    if args.action == "action":
+        return _gpsps_action(args)
+    try:
+        store = _open_store(args)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return {"add": _gpsps_add, "ls": _gpsps_ls, "rm": _gpsps_rm}[args.action](store, args)
+    finally:
+        store.close()
+
+
+def _gpsps_add(store, args) -> int:
+    from pydicom.uid import generate_uid
+    from dicomagent.archive.workflow import DuplicateInstance
+    from dicomagent.services.gp import new_step
+    steps, problems = [], []
+    for path in _files(args.paths):
+        try:
+            for ds in read_datasets(path):
+                uid = str(ds.get("SOPInstanceUID", "") or "") or generate_uid()
+                columns, attrs = new_step(ds.to_json_dict(), uid)
+                steps.append((uid, columns, attrs))
+        except Exception as error:  # noqa: BLE001 - pydicom's many ways to fail on a file
+            problems.append(f"{path}: cannot be read: {error}")
+    for problem in problems:
+        print(f"dicomagent gpsps add: {problem}", file=sys.stderr)
+    if problems:
+        print(f"nothing added ({len(problems)} invalid file(s))", file=sys.stderr)
+        return EXIT_FAILURE_STATUS
+    try:
+        store.add_gpsps(steps)
+    except DuplicateInstance as error:
+        print(f"dicomagent gpsps add: step {error} exists already; nothing added",
+              file=sys.stderr)
+        return EXIT_FAILURE_STATUS
+    for uid, _, _ in steps:
+        print(uid)
+    print(f"scheduled {len(steps)} step(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _gpsps_ls(store, args) -> int:
+    steps = store.gpsps_steps()
+    if args.json:
+        print(json.dumps([{"sop_instance_uid": s["sop_instance_uid"], "status": s["status"],
+                           "transaction_uid": s["transaction_uid"],
+                           "on_worklist": s["listed"], "dataset": s["attrs"]} for s in steps],
+                         indent=1, ensure_ascii=False))
+        return EXIT_OK
+    if not steps:
+        print("no General Purpose Scheduled Procedure Steps")
+        return EXIT_OK
+    _print_rows(["SOPInstanceUID", "Status", "OnWorklist", "PatientName", "PatientID",
+                 "StepID", "Start"],
+                [[s["sop_instance_uid"], s["status"], "yes" if s["listed"] else "no",
+                  _first(s["attrs"], "00100010"), _first(s["attrs"], "00100020"),
+                  _first(s["attrs"], "00400009"), _first(s["attrs"], "00404005")]
+                 for s in steps])
+    return EXIT_OK
+
+
+def _gpsps_rm(store, args) -> int:
+    removed = store.remove_gpsps(args.uids)
+    print(f"removed {removed} step(s)")
+    return EXIT_OK if removed == len(set(args.uids)) else EXIT_FAILURE_STATUS
+
+
+def _gpsps_action(args) -> int:
+    from dicomagent.services.gp import (GENERAL_PURPOSE_SCHEDULED_PROCEDURE_STEP,
+                                        REQUEST_STATUS_MODIFICATION)
+    ds = pydicom.Dataset()
+    ds.GeneralPurposeScheduledProcedureStepStatus = args.status
+    if args.transaction_uid:
+        ds.TransactionUID = args.transaction_uid
+    if args.performer:
+        performers = []
+        for name in args.performer:
+            item = pydicom.Dataset()
+            item.HumanPerformerName = name
+            performers.append(item)
+        ds.ActualHumanPerformersSequence = performers
+    return _normalized(args, GENERAL_PURPOSE_SCHEDULED_PROCEDURE_STEP, ds, "N-ACTION",
+                       REQUEST_STATUS_MODIFICATION)
+
+
+def cmd_gppps(args) -> int:
+    from dicomagent.services.gp import GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP as GPPPS
+    if args.action == "ls":
+        try:
+            store = _open_store(args)
+        except ConfigError as error:
+            print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            instances = store.gppps_instances()
+        finally:
+            store.close()
+        if args.json:
+            print(json.dumps([{"00080016": {"vr": "UI", "Value": [GPPPS]},
+                               "00080018": {"vr": "UI", "Value": [i["sop_instance_uid"]]},
+                               **i["attrs"]} for i in instances], indent=1, ensure_ascii=False))
+            return EXIT_OK
+        if not instances:
+            print("no General Purpose Performed Procedure Steps")
+            return EXIT_OK
+        _print_rows(["SOPInstanceUID", "Status", "PatientName", "PatientID"],
+                    [[i["sop_instance_uid"], i["status"], _first(i["attrs"], "00100010"),
+                      _first(i["attrs"], "00100020")] for i in instances])
+        return EXIT_OK
+    try:
+        ds = read_datasets(args.file)[0]
+    except Exception as error:  # noqa: BLE001 - report any unreadable file
+        print(f"dicomagent gppps {args.action}: {args.file}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return _normalized(args, GPPPS, ds, f"N-{args.action.upper()}")
+
+
+def cmd_gpwl(args) -> int:
+    from dicomagent.cli import cmd_find
+    args.model, args.level, args.cancel_after, args.date_time_matching = "gpwl", None, None, False
+    return cmd_find(args)
+
+
+COMMANDS = {"worklist": cmd_worklist, "mpps": cmd_mpps, "outbox": cmd_outbox,
+            "gpsps": cmd_gpsps, "gppps": cmd_gppps, "gpwl": cmd_gpwl}

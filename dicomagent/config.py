@@ -102,6 +102,13 @@ class MppsConfig:
 
 
 @dataclass
+class GeneralPurposeConfig:
+    #: Delete GP-SPS (once COMPLETED or DISCONTINUED) and GP-PPS instances not updated for
+    #: this many days; 0 = keep them.
+    lifetime_days: float = 0.0
+
+
+@dataclass
 class OutboxConfig:
     #: Back-off for a forwarding peer that cannot be reached: first wait, doubling up to last (s).
     first_retry: float = 10.0
@@ -121,6 +128,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     mpps: MppsConfig = field(default_factory=MppsConfig)
+    gp: GeneralPurposeConfig = field(default_factory=GeneralPurposeConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     peers: dict[str, Peer] = field(default_factory=dict)
 

@@ -24,6 +24,8 @@ from dicomagent.association import associate
 from dicomagent.dimse.commands import (C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ,
                                        C_STORE_RSP)
 from dicomagent.dimse.status import StatusCategory, category
+from dicomagent.services.gp import GENERAL_PURPOSE_WORKLIST_FIND
+from dicomagent.services.mwl import MODALITY_WORKLIST_FIND
 from dicomagent.services.qr import (PATIENT_ROOT_FIND, PATIENT_ROOT_GET, PATIENT_ROOT_MOVE,
                                     STUDY_ROOT_FIND, STUDY_ROOT_GET, STUDY_ROOT_MOVE)
 from dicomagent.services.storage import TABLE_2
@@ -36,7 +38,10 @@ SOP_CLASSES = {
     ("find", "study"): STUDY_ROOT_FIND, ("find", "patient"): PATIENT_ROOT_FIND,
     ("move", "study"): STUDY_ROOT_MOVE, ("move", "patient"): PATIENT_ROOT_MOVE,
     ("get", "study"): STUDY_ROOT_GET, ("get", "patient"): PATIENT_ROOT_GET,
+    ("find", "mwl"): MODALITY_WORKLIST_FIND, ("find", "gpwl"): GENERAL_PURPOSE_WORKLIST_FIND,
 }
+#: Information models without a Query/Retrieve Level (the worklists).
+WORKLIST_MODELS = ("mwl", "gpwl")
 
 _TAG = re.compile(r"\(?([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)?")
 _STEP = re.compile(r"^(.+?)(?:\[(\d+)\])?$")
@@ -52,8 +57,10 @@ def _tag(name: str) -> int:
     return tag
 
 
-def parse_keys(keys: list[str], level: str | None = None) -> pydicom.Dataset:
-    """An identifier from ``-k`` arguments (DCMTK syntax)."""
+def parse_keys(keys: list[str], level: str | None = None, require_level: bool = True
+               ) -> pydicom.Dataset:
+    """An identifier from ``-k`` arguments (DCMTK syntax); a worklist query has no
+    Query/Retrieve Level (``require_level=False``)."""
     ds = pydicom.Dataset()
     if level:
         ds.QueryRetrieveLevel = level
@@ -77,7 +84,7 @@ def parse_keys(keys: list[str], level: str | None = None) -> pydicom.Dataset:
             target.add_new(tag, "SQ", [] if not value else [pydicom.Dataset()])
         else:
             target.add_new(tag, vr, value if value else None)
-    if "QueryRetrieveLevel" not in ds:
+    if require_level and "QueryRetrieveLevel" not in ds:
         raise ValueError("no Query/Retrieve Level: give -L LEVEL or -k QueryRetrieveLevel=...")
     if any(ord(c) > 127 for element in ds if isinstance(element.value, str)
            for c in element.value) and "SpecificCharacterSet" not in ds:

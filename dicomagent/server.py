@@ -126,21 +126,25 @@ class Agent:
                  agent.ae_title, agent.data_dir)
         self.reporter.start()
         self.forwarder.start()
-        if self.config.mpps.lifetime_days:
-            self._expiry = asyncio.get_running_loop().create_task(self._expire_mpps())
+        if self.config.mpps.lifetime_days or self.config.gp.lifetime_days:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire_steps())
         if self.config.retention.max_age_days:
             from dicomagent.retention import retention_loop
             self._retention = asyncio.get_running_loop().create_task(
                 retention_loop(self.archive, self.config.retention))
 
-    async def _expire_mpps(self) -> None:
-        """Seed 3.1.3.6.3: MPPS instances live ``[mpps] lifetime_days``; checked hourly."""
-        from dicomagent.services.mpps import expire
+    async def _expire_steps(self) -> None:
+        """Seed 3.1.3.6.3, 3.1.3.7.3, 3.1.3.8.3: procedure step instances live
+        ``[mpps] lifetime_days`` and ``[gp] lifetime_days``; checked hourly."""
+        from dicomagent.services import gp, mpps
+        rules = [(what, module.expire, days) for what, module, days in (
+            ("MPPS", mpps, self.config.mpps.lifetime_days),
+            ("GP-SPS/GP-PPS", gp, self.config.gp.lifetime_days)) if days]
         while True:
-            removed = await self.in_workflow(expire, self.config.mpps.lifetime_days, time.time())
-            if removed:
-                log.info("removed %d MPPS instance(s) older than %g days", removed,
-                         self.config.mpps.lifetime_days)
+            for what, expire, days in rules:
+                removed = await self.in_workflow(expire, days, time.time())
+                if removed:
+                    log.info("removed %d %s instance(s) older than %g days", removed, what, days)
             await asyncio.sleep(3600)
 
     @property

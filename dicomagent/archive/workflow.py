@@ -1,6 +1,6 @@
-"""The workflow store: worklist items, performed procedure steps, and the outbox.
+"""The workflow store: worklist items, procedure steps, and the outbox.
 
-Three tables in the index database (``index.sqlite`` of the data dir), on a
+Tables in the index database (``index.sqlite`` of the data dir), on a
 connection of their own:
 
 - ``worklist``: scheduled work items (PS3.4 Annex K, Modality Worklist), one
@@ -9,6 +9,9 @@ connection of their own:
   msgpack (``attrs``);
 - ``mpps``: Modality Performed Procedure Step instances (PS3.4 Annex F), the
   current attributes as DICOM JSON, and the worklist rows they performed;
+- ``gpsps`` / ``gppps``: General Purpose Scheduled and Performed Procedure
+  Steps (PS3.4 2003); a scheduled step is on the General Purpose Worklist
+  while ``listed``;
 - ``outbox``: messages that must reach another node (MPPS forwarding), in the
   order they were accepted, kept until the peer has answered.
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import msgpack
 
 from dicomagent.archive.worklist import COLUMNS as WORKLIST_COLUMNS
+from dicomagent.archive.worklist import GP_COLUMNS, Model
 
 
 def pack(value) -> bytes:
@@ -90,6 +94,24 @@ CREATE TABLE IF NOT EXISTS mpps (
     attrs BLOB NOT NULL,
     worklist_items BLOB NOT NULL,
     calling_ae_title TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gpsps (
+    sop_instance_uid TEXT PRIMARY KEY,
+    {", ".join(f"{column} TEXT NOT NULL DEFAULT ''" for column in GP_COLUMNS
+               if column != "SOPInstanceUID")},
+    SOPInstanceUID TEXT GENERATED ALWAYS AS (sop_instance_uid) VIRTUAL,
+    transaction_uid TEXT NOT NULL DEFAULT '',
+    listed INTEGER NOT NULL DEFAULT 1,
+    attrs BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gppps (
+    sop_instance_uid TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    attrs BLOB NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -158,12 +180,16 @@ class WorkflowStore:
         return [(item_id, unpack(attrs), source, added_at)
                 for item_id, attrs, source, added_at in rows]
 
-    def query_worklist(self, where: str, params: list) -> list[tuple[int, dict]]:
-        """Items whose columns satisfy ``where`` (built by ``worklist.plan``)."""
-        rows = self.db.execute(f"SELECT item_id, attrs FROM worklist WHERE {where} "
-                               f"ORDER BY ScheduledProcedureStepStartDate, "
-                               f"ScheduledProcedureStepStartTime, item_id", params).fetchall()
-        return [(item_id, unpack(attrs)) for item_id, attrs in rows]
+    def query_worklist(self, where: str, params: list, model: Model | None = None
+                       ) -> list[tuple[int, dict]]:
+        """Items whose columns satisfy ``where`` (built by ``worklist.plan``): (key, attrs)."""
+        if model is None or model.table == "worklist":
+            sql = (f"SELECT item_id, attrs FROM worklist WHERE {where} ORDER BY "
+                   f"ScheduledProcedureStepStartDate, ScheduledProcedureStepStartTime, item_id")
+        else:
+            sql = (f"SELECT sop_instance_uid, attrs FROM {model.table} WHERE listed = 1 AND "
+                   f"({where}) ORDER BY {model.order_by}")
+        return [(key, unpack(attrs)) for key, attrs in self.db.execute(sql, params).fetchall()]
 
     def find_scheduled(self, reference: dict[str, str]) -> list[tuple[int, dict]]:
         """Items whose Study Instance UID, Accession Number, Requested Procedure ID and
@@ -228,6 +254,100 @@ class WorkflowStore:
         with self._transaction():
             return self.db.execute("DELETE FROM mpps WHERE updated_at < ?",
                                    (updated_before,)).rowcount
+
+    # --- General Purpose Scheduled / Performed Procedure Steps ----------------------------
+
+    def add_gpsps(self, steps: list[tuple[str, dict, dict]]) -> None:
+        """New steps (SOP Instance UID, columns, DICOM JSON) in one transaction;
+        ``DuplicateInstance`` (and nothing added) if one exists already."""
+        names = [column for column in GP_COLUMNS if column != "SOPInstanceUID"]
+        sql = (f"INSERT INTO gpsps (sop_instance_uid, {', '.join(names)}, attrs, created_at, "
+               f"updated_at) VALUES ({', '.join('?' * (len(names) + 4))})")
+        now = time.time()
+        with self._transaction():
+            for uid, columns, attrs in steps:
+                if self.db.execute("SELECT 1 FROM gpsps WHERE sop_instance_uid = ?",
+                                   (uid,)).fetchone():
+                    raise DuplicateInstance(uid)
+                self.db.execute(sql, [uid] + [columns.get(name, "") for name in names]
+                                + [pack(attrs), now, now])
+
+    def get_gpsps(self, uid: str) -> dict:
+        """A step: status, transaction_uid, listed, attrs; ``UnknownInstance``."""
+        row = self.db.execute("SELECT GeneralPurposeScheduledProcedureStepStatus, "
+                              "transaction_uid, listed, attrs FROM gpsps "
+                              "WHERE sop_instance_uid = ?", (uid,)).fetchone()
+        if row is None:
+            raise UnknownInstance(uid)
+        return {"status": row[0], "transaction_uid": row[1], "listed": bool(row[2]),
+                "attrs": unpack(row[3])}
+
+    def _put_gpsps(self, uid: str, step: dict, now: float) -> None:
+        self.db.execute("UPDATE gpsps SET GeneralPurposeScheduledProcedureStepStatus = ?, "
+                        "transaction_uid = ?, listed = ?, attrs = ?, updated_at = ? "
+                        "WHERE sop_instance_uid = ?",
+                        (step["status"], step["transaction_uid"], int(step["listed"]),
+                         pack(step["attrs"]), now, uid))
+
+    def put_gpsps(self, uid: str, step: dict) -> None:
+        """Write back a step read with ``get_gpsps`` and changed."""
+        with self._transaction():
+            self._put_gpsps(uid, step, time.time())
+
+    def remove_gpsps(self, uids: list[str]) -> int:
+        with self._transaction():
+            return sum(self.db.execute("DELETE FROM gpsps WHERE sop_instance_uid = ?",
+                                       (uid,)).rowcount for uid in uids)
+
+    def gpsps_steps(self) -> list[dict]:
+        rows = self.db.execute("SELECT sop_instance_uid, GeneralPurposeScheduledProcedureStepStatus, "
+                               "transaction_uid, listed, attrs FROM gpsps "
+                               "ORDER BY created_at").fetchall()
+        return [{"sop_instance_uid": uid, "status": status, "transaction_uid": transaction,
+                 "listed": bool(listed), "attrs": unpack(attrs)}
+                for uid, status, transaction, listed, attrs in rows]
+
+    def create_gppps(self, uid: str, status: str, attrs: dict,
+                     steps: dict[str, dict]) -> None:
+        """A new performed step and the scheduled steps it changes, in one transaction."""
+        now = time.time()
+        with self._transaction():
+            if self.db.execute("SELECT 1 FROM gppps WHERE sop_instance_uid = ?",
+                               (uid,)).fetchone():
+                raise DuplicateInstance(uid)
+            self.db.execute("INSERT INTO gppps VALUES (?, ?, ?, ?, ?)",
+                            (uid, status, pack(attrs), now, now))
+            for step_uid, step in steps.items():
+                self._put_gpsps(step_uid, step, now)
+
+    def get_gppps(self, uid: str) -> tuple[str, dict]:
+        row = self.db.execute("SELECT status, attrs FROM gppps WHERE sop_instance_uid = ?",
+                              (uid,)).fetchone()
+        if row is None:
+            raise UnknownInstance(uid)
+        return row[0], unpack(row[1])
+
+    def set_gppps(self, uid: str, status: str, attrs: dict) -> None:
+        with self._transaction():
+            self.db.execute("UPDATE gppps SET status = ?, attrs = ?, updated_at = ? "
+                            "WHERE sop_instance_uid = ?", (status, pack(attrs), time.time(), uid))
+
+    def gppps_instances(self) -> list[dict]:
+        rows = self.db.execute("SELECT sop_instance_uid, status, attrs FROM gppps "
+                               "ORDER BY created_at").fetchall()
+        return [{"sop_instance_uid": uid, "status": status, "attrs": unpack(attrs)}
+                for uid, status, attrs in rows]
+
+    def expire_gp(self, updated_before: float) -> int:
+        """Delete scheduled steps in a final state, and performed steps, last changed before."""
+        with self._transaction():
+            removed = self.db.execute(
+                "DELETE FROM gpsps WHERE updated_at < ? AND "
+                "GeneralPurposeScheduledProcedureStepStatus IN ('COMPLETED', 'DISCONTINUED')",
+                (updated_before,)).rowcount
+            removed += self.db.execute("DELETE FROM gppps WHERE updated_at < ?",
+                                       (updated_before,)).rowcount
+        return removed
 
     # --- outbox ------------------------------------------------------------------------
 

@@ -1,4 +1,10 @@
-"""Modality Worklist items: what is kept of them, and C-FIND matching on them.
+"""Worklist items: what is kept of them, and C-FIND matching on them.
+
+Two worklists use this module: the Modality Worklist (``MODALITY``) and the
+General Purpose Worklist (``GENERAL_PURPOSE``, whose work items are General
+Purpose Scheduled Procedure Steps). Each is a ``Model``: a table of the
+workflow store, the keys held in its columns, and, for the Modality
+Worklist, the sequence whose item is the step.
 
 A worklist item (PS3.4 K.6, PS3.3 Modality Worklist) is a data set with one
 Scheduled Procedure Step Sequence item: the step to perform, the requested
@@ -66,8 +72,47 @@ MATCHING_KEYS = (
     Column("ScheduledProcedureStepStatus", 0x00400020, "CS", True),
 )
 COLUMNS = tuple(key.keyword for key in MATCHING_KEYS)
-_TOP = {key.tag: key for key in MATCHING_KEYS if not key.in_step and not key.multi_valued}
-_STEP = {key.tag: key for key in MATCHING_KEYS if key.in_step and not key.multi_valued}
+
+
+@dataclass(frozen=True)
+class Model:
+    """A worklist: its table, its column keys, and the sequence holding the step."""
+
+    table: str
+    keys: tuple[Column, ...]
+    step_sequence: int | None
+    #: ORDER BY of the responses.
+    order_by: str
+
+    @property
+    def top(self) -> dict[int, Column]:
+        return {key.tag: key for key in self.keys if not key.in_step and not key.multi_valued}
+
+    @property
+    def step(self) -> dict[int, Column]:
+        return {key.tag: key for key in self.keys if key.in_step and not key.multi_valued}
+
+
+MODALITY = Model("worklist", MATCHING_KEYS, SCHEDULED_PROCEDURE_STEP_SEQUENCE,
+                 "ScheduledProcedureStepStartDate, ScheduledProcedureStepStartTime, item_id")
+
+#: General Purpose Worklist (PS3.4 2003, K.6.2): the keys of seed Tables 58-61 kept as
+#: columns; the code sequences and human performers are matched in Python.
+GP_MATCHING_KEYS = (
+    Column("PatientName", 0x00100010, "PN"),
+    Column("PatientID", 0x00100020, "LO"),
+    Column("StudyInstanceUID", 0x0020000D, "UI"),
+    Column("SOPInstanceUID", 0x00080018, "UI"),
+    Column("ScheduledProcedureStepID", 0x00400009, "SH"),
+    Column("GeneralPurposeScheduledProcedureStepStatus", 0x00404001, "CS"),
+    Column("GeneralPurposeScheduledProcedureStepPriority", 0x00404003, "CS"),
+    Column("ScheduledProcedureStepStartDateTime", 0x00404005, "DT"),
+    Column("ExpectedCompletionDateTime", 0x00404011, "DT"),
+    Column("InputAvailabilityFlag", 0x00404020, "CS"),
+)
+GP_COLUMNS = tuple(key.keyword for key in GP_MATCHING_KEYS)
+GENERAL_PURPOSE = Model("gpsps", GP_MATCHING_KEYS, None,
+                        "ScheduledProcedureStepStartDateTime, sop_instance_uid")
 
 #: Not keys: Specific Character Set, and the File Meta group.
 _NOT_KEYS = {0x00080005}
@@ -104,7 +149,7 @@ def split_item(ds: pydicom.Dataset) -> list[tuple[dict, dict]]:
 
 @dataclass
 class WorklistQuery:
-    """SQL on the ``worklist`` table, and what must still be matched in Python."""
+    """SQL on a worklist's table, and what must still be matched in Python."""
 
     where: str
     params: list
@@ -113,25 +158,26 @@ class WorklistQuery:
     remaining: pydicom.Dataset | None
 
 
-def plan(identifier: pydicom.Dataset) -> WorklistQuery:
-    """Turn a Modality Worklist C-FIND identifier into a ``WorklistQuery``."""
+def plan(identifier: pydicom.Dataset, model: Model = MODALITY) -> WorklistQuery:
+    """Turn a worklist C-FIND identifier into a ``WorklistQuery`` on ``model``'s table."""
     params: list = []
     conditions: list[str] = []
     remaining = pydicom.Dataset()
+    top = model.top
     for element in identifier:
         tag = int(element.tag)
         if tag in _NOT_KEYS or element.tag.group in (0x0000, 0x0002) or element.tag.element == 0:
             continue
-        if tag == SCHEDULED_PROCEDURE_STEP_SEQUENCE and element.VR == "SQ":
+        if tag == model.step_sequence and element.VR == "SQ":
             if element.value:
-                rest = _plan_step(element.value[0], conditions, params)
+                rest = _plan_step(model, element.value[0], conditions, params)
                 if rest is not None:
                     remaining.add_new(tag, "SQ", [rest])
             continue
-        column = _TOP.get(tag)
+        column = top.get(tag)
         if column is not None and element.VR != "SQ":
-            condition = value_condition(f"worklist.{column.keyword}", column.vr,
-                                         text_value(element), params)
+            condition = value_condition(f"{model.table}.{column.keyword}", column.vr,
+                                        text_value(element), params)
             if condition:
                 conditions.append(condition)
         elif _has_value(element):
@@ -140,7 +186,7 @@ def plan(identifier: pydicom.Dataset) -> WorklistQuery:
                          remaining if len(remaining) else None)
 
 
-def _plan_step(item: pydicom.Dataset, conditions: list[str], params: list
+def _plan_step(model: Model, item: pydicom.Dataset, conditions: list[str], params: list
                ) -> pydicom.Dataset | None:
     """Conditions for the step's column keys; the item of what is left, or None."""
     rest = pydicom.Dataset()
@@ -149,16 +195,17 @@ def _plan_step(item: pydicom.Dataset, conditions: list[str], params: list
     combined = _combined(date, time)
     if combined:
         conditions.append(date_time_condition(
-            "worklist", "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime",
+            model.table, "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime",
             text_value(date), text_value(time), params))
+    step = model.step
     for element in item:
         tag = int(element.tag)
-        column = _STEP.get(tag)
+        column = step.get(tag)
         if combined and tag in (SPS_START_DATE, SPS_START_TIME):
             continue
         if column is not None and element.VR != "SQ":
-            condition = value_condition(f"worklist.{column.keyword}", column.vr,
-                                         text_value(element), params)
+            condition = value_condition(f"{model.table}.{column.keyword}", column.vr,
+                                        text_value(element), params)
             if condition:
                 conditions.append(condition)
         elif _has_value(element):

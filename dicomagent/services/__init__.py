@@ -42,10 +42,11 @@ class ServiceClass:
 def registry(config=None) -> list[ServiceClass]:
     """Every service class the agent serves, in conformance-statement order."""
     from dicomagent.config import Config
-    from dicomagent.services import commitment, mpps, mwl, qr, storage, verification
+    from dicomagent.services import commitment, gp, mpps, mwl, qr, storage, verification
     config = config or Config()
     return [verification.SERVICE, storage.service(config.storage), qr.FIND, qr.MOVE, qr.GET,
-            commitment.SERVICE, mwl.SERVICE, mpps.SERVICE]
+            commitment.SERVICE, mwl.SERVICE, mpps.SERVICE, gp.WORKLIST, gp.SCHEDULED_STEP,
+            gp.PERFORMED_STEP, gp.META]
 
 
 def acceptor_abstract_syntaxes(services: list[ServiceClass]) -> dict[str, AbstractSyntaxSupport]:

@@ -90,7 +90,8 @@ class Refused(Exception):
         self.comment = comment
 
 
-def _text(attrs: dict, key: str) -> str:
+def text_of(attrs: dict, key: str) -> str:
+    """The first value of a DICOM JSON attribute as text ("" when it has none)."""
     value = (attrs.get(key) or {}).get("Value") or [""]
     first = value[0]
     if isinstance(first, dict):                 # PN in DICOM JSON
@@ -108,7 +109,7 @@ def coerce(attrs: dict, find_scheduled) -> list[int]:
     items = (attrs.get(SCHEDULED_STEP_ATTRIBUTES_KEY) or {}).get("Value") or []
     performed: list[int] = []
     for item in items:
-        reference = {column: _text(item, key) for column, key in REFERENCE_COLUMNS.items()}
+        reference = {column: text_of(item, key) for column, key in REFERENCE_COLUMNS.items()}
         if not reference["StudyInstanceUID"] and not reference["ScheduledProcedureStepID"]:
             continue
         rows = find_scheduled(reference)
@@ -134,7 +135,7 @@ def create(store, forward_to: list[str], sop_instance_uid: str, attrs: dict,
     """On the workflow thread: coerce, keep, queue for forwarding; the worklist rows."""
     performed = coerce(attrs, store.find_scheduled)
     try:
-        store.create_mpps(sop_instance_uid, _text(attrs, STATUS_KEY), attrs, performed,
+        store.create_mpps(sop_instance_uid, text_of(attrs, STATUS_KEY), attrs, performed,
                           calling_ae_title,
                           [Outgoing(peer, "N-CREATE", MODALITY_PERFORMED_PROCEDURE_STEP,
                                     sop_instance_uid, attrs) for peer in forward_to])
@@ -156,7 +157,7 @@ def update(store, forward_to: list[str], sop_instance_uid: str, modification: di
         # Coerced from the worklist: the modality does not overwrite it.
         for key in PATIENT_KEYS + (SCHEDULED_STEP_ATTRIBUTES_KEY,):
             modification.pop(key, None)
-    new_status = _text(modification, STATUS_KEY) if STATUS_KEY in modification else status
+    new_status = text_of(modification, STATUS_KEY) if STATUS_KEY in modification else status
     if new_status not in (IN_PROGRESS, COMPLETED, DISCONTINUED):
         raise Refused(INVALID_ATTRIBUTE_VALUE,
                       f"Performed Procedure Step Status {new_status!r} is not allowed")
@@ -168,7 +169,7 @@ def update(store, forward_to: list[str], sop_instance_uid: str, modification: di
     return new_status
 
 
-def _json_of(received, context) -> dict:
+def data_set_json(received, context) -> dict:
     """The request's data set as DICOM JSON; ``Refused`` (A900) if it cannot be read."""
     try:
         return decode(received.data_set or b"", context.transfer_syntax).to_json_dict()
@@ -189,10 +190,10 @@ async def handle_n_create(association, context, received) -> None:
             AffectedSOPInstanceUID=sop_instance_uid, ErrorComment=comment))
 
     try:
-        attrs = _json_of(received, context)
+        attrs = data_set_json(received, context)
         if STATUS_KEY not in attrs:
             raise Refused(MISSING_ATTRIBUTE, "Performed Procedure Step Status missing")
-        if _text(attrs, STATUS_KEY) != IN_PROGRESS:
+        if text_of(attrs, STATUS_KEY) != IN_PROGRESS:
             raise Refused(INVALID_ATTRIBUTE_VALUE,
                           "Performed Procedure Step Status must be IN PROGRESS")
         performed = await agent.in_workflow(create, agent.config.mpps.forward_to,
@@ -227,7 +228,7 @@ async def handle_n_set(association, context, received) -> None:
             AffectedSOPInstanceUID=sop_instance_uid, ErrorComment=comment))
 
     try:
-        modification = _json_of(received, context)
+        modification = data_set_json(received, context)
         status = await agent.in_workflow(update, agent.config.mpps.forward_to,
                                          sop_instance_uid, modification)
     except Refused as refused:

@@ -36,14 +36,23 @@ UNABLE_TO_PROCESS = 0xC001
 BATCH = 50
 
 
-def _find(store, query: worklist.WorklistQuery) -> list[dict]:
+def _find(store, query: worklist.WorklistQuery, model: worklist.Model) -> list[dict]:
     """On the workflow thread: the response identifiers of the matching items."""
     return [worklist.response(query.identifier, attrs)
-            for _, attrs in store.query_worklist(query.where, query.params)
+            for _, attrs in store.query_worklist(query.where, query.params, model)
             if worklist.matches(query, attrs)]
 
 
-async def handle_c_find(association, context, received) -> None:
+def c_find_handler(model: worklist.Model):
+    """The C-FIND handler of a worklist (the General Purpose Worklist uses it too)."""
+
+    async def handle(association, context, received) -> None:
+        await find(model, association, context, received)
+
+    return handle
+
+
+async def find(model: worklist.Model, association, context, received) -> None:
     """PS3.4 K.4.1.3: a pending response per matching worklist item, then success."""
     request: C_FIND_RQ = received.command
     message_id = request.MessageID
@@ -57,7 +66,7 @@ async def handle_c_find(association, context, received) -> None:
             encode_response(data, context.transfer_syntax) if data is not None else None)
 
     try:
-        query = worklist.plan(decode(received.data_set or b"", context.transfer_syntax))
+        query = worklist.plan(decode(received.data_set or b"", context.transfer_syntax), model)
     except Exception as error:  # noqa: BLE001 - an identifier pydicom cannot read
         log.warning("%s worklist C-FIND identifier cannot be read: %s",
                     association.describe(), error)
@@ -65,7 +74,7 @@ async def handle_c_find(association, context, received) -> None:
         return
     agent = association.agent
     try:
-        responses = await agent.in_workflow(_find, query)
+        responses = await agent.in_workflow(_find, query, model)
     except Exception as error:  # noqa: BLE001 - a database failure
         log.error("%s worklist C-FIND failed: %s", association.describe(), error)
         respond(UNABLE_TO_PROCESS, comment="unable to process")
@@ -93,5 +102,5 @@ SERVICE = ServiceClass(
     name="Modality Worklist",
     reference="PS3.4 Annex K",
     sop_classes={MODALITY_WORKLIST_FIND: "Modality Worklist Information Model - FIND"},
-    handlers={C_FIND_RQ: handle_c_find},
+    handlers={C_FIND_RQ: c_find_handler(worklist.MODALITY)},
 )
