@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
 
     from dicomagent import cli_workflow
+    from dicomagent.probe import cli as probe_cli
     cli_workflow.add_parsers(commands)
+    probe_cli.add_parser(commands, _add_scu_options)
     return parser
 
 
@@ -559,4 +561,5 @@ COMMANDS = {"commit": cmd_commit, "retention": cmd_retention, "find": cmd_find, 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dicomagent import cli_workflow
-    return {**COMMANDS, **cli_workflow.COMMANDS}[args.command](args)
+    from dicomagent.probe.cli import cmd_probe
+    return {**COMMANDS, **cli_workflow.COMMANDS, "probe": cmd_probe}[args.command](args)

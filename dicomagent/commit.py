@@ -19,16 +19,15 @@ from dataclasses import dataclass, field
 import pydicom
 from pydicom.uid import generate_uid
 
-from dicomagent.association import AcceptorAssociation, AssociationError, associate
-from dicomagent.config import Config
+from dicomagent.association import AssociationError, associate
+from dicomagent.listener import Listener
 from dicomagent.dimse.commands import (DATA_SET_PRESENT, N_ACTION_RQ, N_EVENT_REPORT_RQ,
                                        N_EVENT_REPORT_RSP)
 from dicomagent.services.commitment import (REQUEST_STORAGE_COMMITMENT,
                                             STORAGE_COMMITMENT_INSTANCE,
                                             STORAGE_COMMITMENT_PUSH_MODEL)
 from dicomagent.transcode import decode, encode
-from dicomagent.ul.negotiation import (AbstractSyntaxSupport, AcceptorPolicy, ProposedContext,
-                                       accepted_contexts, negotiate)
+from dicomagent.ul.negotiation import AbstractSyntaxSupport, ProposedContext
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
 from dicomagent.ul.states import State
 
@@ -67,30 +66,6 @@ def _read_report(ds: pydicom.Dataset, result: CommitResult) -> None:
                               int(item.get("FailureReason", 0x0110))))
 
 
-class _ReportListener:
-    """The little acceptor that takes the SCP's report association (what
-    ``AcceptorAssociation`` needs of an agent, and no more)."""
-
-    def __init__(self, ae_title: str, on_report):
-        self.config = Config()
-        self.config.agent.ae_title = ae_title
-        self.config.agent.timeouts.dimse = 60.0
-        self.policy = AcceptorPolicy(ae_title=ae_title, abstract_syntaxes={
-            STORAGE_COMMITMENT_PUSH_MODEL: AbstractSyntaxSupport(scp=False, scu=True)})
-        self.handlers = {(N_EVENT_REPORT_RQ, STORAGE_COMMITMENT_PUSH_MODEL): on_report}
-        self.sinks: dict = {}
-        self.send_cap = 1 << 20
-        self.log_contexts = False
-
-    def negotiate(self, rq):
-        response = negotiate(rq, self.policy)
-        contexts = accepted_contexts(rq, response.ac) if response.ac is not None else {}
-        return response, contexts
-
-    def provider_check(self, rq):
-        return None
-
-
 async def commit(host: str, port: int, calling: str, called: str,
                  references: list[tuple[str, str]], timeout: float = 60.0,
                  listen_port: int | None = None, listen_host: str = "0.0.0.0") -> CommitResult:
@@ -121,11 +96,12 @@ async def commit(host: str, port: int, calling: str, called: str,
         if status == 0 and not report.done():
             report.set_result((ds, association))
 
-    server = None
+    listener = None
     if listen_port is not None:
-        listener = _ReportListener(calling, on_report)
-        server = await loop.create_server(lambda: AcceptorAssociation(listener).ul,
-                                          listen_host, listen_port, reuse_address=True)
+        # The report association: the SCP proposes the SCP role, we take the SCU role.
+        listener = Listener(calling, {STORAGE_COMMITMENT_PUSH_MODEL: AbstractSyntaxSupport(
+            scp=False, scu=True)}, {(N_EVENT_REPORT_RQ, STORAGE_COMMITMENT_PUSH_MODEL): on_report})
+        await listener.start(listen_host, listen_port)
     try:
         association = await associate(host, port, calling, called,
                                       [ProposedContext(STORAGE_COMMITMENT_PUSH_MODEL,
@@ -164,6 +140,6 @@ async def commit(host: str, port: int, calling: str, called: str,
         finally:
             await association.release()
     finally:
-        if server is not None:
-            server.close()
+        if listener is not None:
+            listener.close()
     return result
