@@ -273,7 +273,8 @@ class PrintJob:
             self.on_event_report
 
     def warn(self, text: str) -> None:
-        log.warning("%s", text)
+        """Keep a warning for the user (the CLI prints them at the end)."""
+        log.info("%s", text)
         self.result.warnings.append(text)
 
     # --- PS3.4 H.4.6.2.1: Printer N-EVENT-REPORT ---------------------------------------------

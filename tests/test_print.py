@@ -446,3 +446,283 @@ def test_configuration_errors(tmp_path):
                       .replace("bits_stored = 10", ""))
     result = print_cli(config, "1.2.3")
     assert result.returncode == 2 and "print.film: no [peers.film]" in result.stderr
+
+
+# --- a print SCP on dicomagent's own Upper Layer --------------------------------------------------
+
+@dataclass
+class PrintedFilm:
+    """What an N-ACTION print printed: the film box's attributes, each image box's
+    pixels by position, each annotation box's text by position."""
+
+    film_box: Dataset
+    images: dict[int, numpy.ndarray]
+    annotations: dict[int, str]
+
+
+@dataclass
+class PrintObject:
+    sop_class: str
+    attributes: Dataset
+    parent: str | None = None
+    transfer_syntax: str = ""
+
+
+class OwnPrintSCP:
+    """A Basic Grayscale Print Management SCP (with Presentation LUT and Basic Annotation
+    Box) in the test's event loop, holding its SOP instances as PS3.4 H.4 describes them:
+    a film box N-CREATE makes its image boxes and, with an Annotation Display Format ID,
+    two annotation boxes; a film session N-DELETE takes its film boxes with it.
+
+    ``printer_status``: what the Printer N-GET answers. ``statuses``: (command name, SOP
+    class) -> the status to answer instead of 0000. ``event_after``: (n, event type ID,
+    Printer Status Info): send a Printer N-EVENT-REPORT after the n-th image box N-SET.
+    """
+
+    def __init__(self, printer_status=("NORMAL", ""), statuses=None, event_after=None):
+        self.config = Config()
+        self.config.agent.ae_title = "OWNPRINT"
+        supported = AbstractSyntaxSupport(scp=True)
+        self.policy = AcceptorPolicy(ae_title="OWNPRINT", abstract_syntaxes={
+            BASIC_GRAYSCALE_PRINT_MANAGEMENT_META: supported, PRESENTATION_LUT: supported,
+            BASIC_ANNOTATION_BOX: supported})
+        self.handlers = {}
+        for uid in self.policy.abstract_syntaxes:
+            for message, handler in ((N_GET_RQ, self.on_n_get), (N_CREATE_RQ, self.on_n_create),
+                                     (N_SET_RQ, self.on_n_set), (N_ACTION_RQ, self.on_n_action),
+                                     (N_DELETE_RQ, self.on_n_delete)):
+                self.handlers[(message, uid)] = handler
+        self.sinks: dict = {}
+        self.send_cap = 1 << 20
+        self.log_contexts = False
+        self.printer_status = printer_status
+        self.statuses = statuses or {}
+        self.event_after = event_after
+        self.objects: dict[str, PrintObject] = {}
+        self.printed: list[PrintedFilm] = []
+        #: (command name, SOP class) of every request, in order.
+        self.requests: list[tuple[str, str]] = []
+        self.image_box_sets = 0
+        self.event_responses: list[int] = []
+
+    def negotiate(self, rq):
+        response = negotiate(rq, self.policy)
+        return response, accepted_contexts(rq, response.ac) if response.ac is not None else {}
+
+    def provider_check(self, rq):
+        return None
+
+    def _answer(self, association, context, response_class, request, sop_class, instance,
+                ds=None, default=0x0000):
+        status = self.statuses.get((request.NAME, sop_class), default)
+        association.send_message(context.context_id, response_class(
+            AffectedSOPClassUID=sop_class, MessageIDBeingRespondedTo=request.MessageID,
+            Status=status, AffectedSOPInstanceUID=instance,
+            CommandDataSetType=DATA_SET_PRESENT if ds is not None else 0x0101),
+            None if ds is None else encode(ds, context.transfer_syntax))
+        return status
+
+    def on_n_get(self, association, context, received) -> None:
+        request = received.command
+        self.requests.append((request.NAME, request.RequestedSOPClassUID))
+        ds = Dataset()
+        ds.PrinterStatus, ds.PrinterStatusInfo = self.printer_status
+        self._answer(association, context, N_GET_RSP, request, PRINTER,
+                     request.RequestedSOPInstanceUID, ds)
+
+    def on_n_create(self, association, context, received) -> None:
+        request = received.command
+        sop_class = request.AffectedSOPClassUID
+        self.requests.append((request.NAME, sop_class))
+        attributes = decode(received.data_set or b"", context.transfer_syntax)
+        if self.statuses.get((request.NAME, sop_class), 0) & 0xF000 in (0xA000, 0xC000):
+            self._answer(association, context, N_CREATE_RSP, request, sop_class, None)
+            return
+        uid = generate_uid()
+        parent = None
+        response = None
+        if sop_class == BASIC_FILM_BOX:
+            parent = attributes.ReferencedFilmSessionSequence[0].ReferencedSOPInstanceUID
+            columns, rows = attributes.ImageDisplayFormat.split("\\")[1].split(",")
+            response = Dataset()
+            response.ReferencedImageBoxSequence = [
+                self._child(uid, BASIC_GRAYSCALE_IMAGE_BOX, position, context)
+                for position in range(1, int(columns) * int(rows) + 1)]
+            if "AnnotationDisplayFormatID" in attributes:
+                response.ReferencedBasicAnnotationBoxSequence = [
+                    self._child(uid, BASIC_ANNOTATION_BOX, position, context)
+                    for position in (1, 2)]
+        self.objects[uid] = PrintObject(sop_class, attributes, parent, context.transfer_syntax)
+        self._answer(association, context, N_CREATE_RSP, request, sop_class, uid, response)
+
+    def _child(self, parent: str, sop_class: str, position: int, context) -> Dataset:
+        uid = generate_uid()
+        self.objects[uid] = PrintObject(sop_class, Dataset(), parent, context.transfer_syntax)
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, uid
+        return item
+
+    def on_n_set(self, association, context, received) -> None:
+        request = received.command
+        self.requests.append((request.NAME, request.RequestedSOPClassUID))
+        target = self.objects[request.RequestedSOPInstanceUID]
+        target.attributes = decode(received.data_set or b"", context.transfer_syntax)
+        target.transfer_syntax = context.transfer_syntax
+        self._answer(association, context, N_SET_RSP, request, request.RequestedSOPClassUID,
+                     request.RequestedSOPInstanceUID)
+        if request.RequestedSOPClassUID == BASIC_GRAYSCALE_IMAGE_BOX:
+            self.image_box_sets += 1
+            if self.event_after and self.event_after[0] == self.image_box_sets:
+                asyncio.get_running_loop().create_task(self.report(association, context))
+
+    async def report(self, association, context) -> None:
+        """PS3.4 H.4.6.2.1: a Printer N-EVENT-REPORT on the job's association."""
+        _, event_type, info = self.event_after
+        ds = Dataset()
+        ds.PrinterStatusInfo = info
+        message_id = association.next_message_id()
+        association.send_message(context.context_id, N_EVENT_REPORT_RQ(
+            AffectedSOPClassUID=PRINTER, MessageID=message_id,
+            AffectedSOPInstanceUID=PRINTER_INSTANCE, EventTypeID=event_type),
+            encode(ds, context.transfer_syntax))
+        received = await association.wait_response(message_id, 5.0)
+        self.event_responses.append(received.command.Status)
+
+    def on_n_action(self, association, context, received) -> None:
+        request = received.command
+        self.requests.append((request.NAME, request.RequestedSOPClassUID))
+        uid = request.RequestedSOPInstanceUID
+        boxes = [uid] if request.RequestedSOPClassUID == BASIC_FILM_BOX else \
+            [u for u, o in self.objects.items() if o.parent == uid and o.sop_class ==
+             BASIC_FILM_BOX]
+        for box in boxes:
+            self.printed.append(self._film(box))
+        self._answer(association, context, N_ACTION_RSP, request, request.RequestedSOPClassUID,
+                     uid)
+
+    def _film(self, film_box: str) -> PrintedFilm:
+        film = PrintedFilm(self.objects[film_box].attributes, {}, {})
+        for child in self.objects.values():
+            if child.parent != film_box or "ImageBoxPosition" not in child.attributes and \
+                    "AnnotationPosition" not in child.attributes:
+                continue
+            if child.sop_class == BASIC_ANNOTATION_BOX:
+                film.annotations[int(child.attributes.AnnotationPosition)] = \
+                    str(child.attributes.TextString)
+                continue
+            item = child.attributes.BasicGrayscaleImageSequence[0]
+            little = UNCOMPRESSED[child.transfer_syntax][1]
+            dtype = "u1" if item.BitsAllocated == 8 else ("<u2" if little else ">u2")
+            pixels = numpy.frombuffer(item.PixelData, dtype=dtype,
+                                      count=item.Rows * item.Columns)
+            film.images[int(child.attributes.ImageBoxPosition)] = \
+                pixels.reshape(item.Rows, item.Columns)
+        return film
+
+    def on_n_delete(self, association, context, received) -> None:
+        request = received.command
+        self.requests.append((request.NAME, request.RequestedSOPClassUID))
+        doomed = {request.RequestedSOPInstanceUID}
+        while True:                               # PS3.4 H.4.1.2.3: the hierarchy goes too
+            more = {u for u, o in self.objects.items() if o.parent in doomed} - doomed
+            if not more:
+                break
+            doomed |= more
+        for uid in doomed:
+            self.objects.pop(uid, None)
+        self._answer(association, context, N_DELETE_RSP, request, request.RequestedSOPClassUID,
+                     request.RequestedSOPInstanceUID)
+
+
+def print_against_own_scp(scp: OwnPrintSCP, config_settings: dict, tmp_path: Path,
+                          *args) -> tuple[int, str, str]:
+    """Run ``dicomagent print`` against ``scp``; returns (exit status, stdout, stderr)."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: AcceptorAssociation(scp).ul, HOST, 0)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            config = write_config(tmp_path, port, "OWNPRINT", **config_settings)
+            process = await asyncio.create_subprocess_exec(
+                *dicomagent_cmd("print", "-c", str(config), "film", *map(str, args)),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(process.communicate(), 30)
+        finally:
+            server.close()
+        return process.returncode, out.decode(), err.decode()
+
+    return asyncio.run(main())
+
+
+def test_annotation_text_and_film_session_printing(tmp_path):
+    """The annotation reaches the annotation box the configuration names, on every film;
+    N-ACTION at film session level prints both films; a warning status (B605 on the film
+    box N-CREATE) is reported; everything created is deleted at the end."""
+    scp = OwnPrintSCP(statuses={("N-CREATE-RQ", BASIC_FILM_BOX): 0xB605})
+    paths = [write_image(tmp_path / f"{n}.dcm", seed=10 + n) for n in range(3)]
+    status, out, err = print_against_own_scp(
+        scp, {"print_level": "film_session", "annotation_position": 2,
+              "presentation_lut_shape": "LIN OD"},
+        tmp_path, *paths, "--layout", "2,1", "--annotation", "Ward 3 / Dr. Quincy")
+
+    assert status == 0, out + err
+    assert err.count("warning 0xB605 (requested min or max density outside the printer's "
+                     "range)") == 2, err
+    assert len(scp.printed) == 2
+    for film in scp.printed:
+        assert film.annotations == {2: "Ward 3 / Dr. Quincy"}
+        assert film.film_box.ImageDisplayFormat == "STANDARD\\2,1"
+        assert film.film_box.AnnotationDisplayFormatID == "ANNOTATION"
+    assert sorted(scp.printed[0].images) == [1, 2] and sorted(scp.printed[1].images) == [1]
+    # 2x1 on a 160 x 200 film: boxes of 80 x 200.
+    for path, pixels in zip(paths, [*scp.printed[0].images.values(),
+                                    *scp.printed[1].images.values()]):
+        assert_pixels(pixels, expected_print(path, (80, 200), 8), path.name)
+    assert [name for name, sop_class in scp.requests if sop_class == PRESENTATION_LUT] == \
+        ["N-CREATE-RQ", "N-DELETE-RQ"]
+    assert ("N-ACTION-RQ", BASIC_FILM_SESSION) in scp.requests
+    assert ("N-ACTION-RQ", BASIC_FILM_BOX) not in scp.requests
+    assert scp.objects == {}, "left behind on the printer"
+
+
+def test_printer_warnings_are_reported(tmp_path):
+    """Printer Status WARNING at the N-GET, and a WARNING N-EVENT-REPORT during the job:
+    both reported, the event answered with 0000, the job printed."""
+    scp = OwnPrintSCP(printer_status=("WARNING", "RECEIVER FULL"),
+                      event_after=(1, 2, "SUPPLY LOW"))
+    paths = [write_image(tmp_path / f"{n}.dcm", seed=20 + n) for n in range(2)]
+    status, out, err = print_against_own_scp(scp, {}, tmp_path, *paths)
+
+    assert status == 0, out + err
+    assert "the printer's status is WARNING (RECEIVER FULL)" in err
+    assert "printer event WARNING: SUPPLY LOW" in err
+    assert scp.event_responses == [0x0000]
+    assert len(scp.printed) == 2 and scp.objects == {}
+
+
+def test_printer_in_failure_prints_nothing(tmp_path):
+    """Printer Status FAILURE: the job stops after the N-GET, with the printer's reason;
+    nothing is created."""
+    scp = OwnPrintSCP(printer_status=("FAILURE", "PRINTER DOWN"))
+    status, out, err = print_against_own_scp(scp, {}, tmp_path,
+                                             write_image(tmp_path / "ct.dcm"))
+    assert status == 1, out + err
+    assert "the printer's status is FAILURE (PRINTER DOWN): nothing was printed" in err
+    assert scp.requests == [("N-GET-RQ", PRINTER)]
+
+
+def test_failure_event_stops_the_job_and_cleans_up(tmp_path):
+    """A FAILURE N-EVENT-REPORT after the first image box: the job stops before the next
+    step, deletes the film box and film session it created, exits 1."""
+    scp = OwnPrintSCP(event_after=(1, 3, "FILM JAM"))
+    paths = [write_image(tmp_path / f"{n}.dcm", seed=30 + n) for n in range(4)]
+    status, out, err = print_against_own_scp(scp, {}, tmp_path, *paths, "--layout", "2,2")
+
+    assert status == 1, out + err
+    assert "printer event FAILURE: FILM JAM" in err
+    assert scp.event_responses == [0x0000]
+    assert scp.printed == []
+    assert scp.requests[-2:] == [("N-DELETE-RQ", BASIC_FILM_BOX),
+                                 ("N-DELETE-RQ", BASIC_FILM_SESSION)]
+    assert scp.objects == {}, "left behind on the printer"
