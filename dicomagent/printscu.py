@@ -42,6 +42,7 @@ from dicomagent.dimse.status import StatusCategory, category
 from dicomagent.render import Rendered
 from dicomagent.transcode import UNCOMPRESSED, decode, encode
 from dicomagent.ul.negotiation import ProposedContext
+from dicomagent.ul.states import State
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
 
 log = logging.getLogger("dicomagent.print")
@@ -282,6 +283,9 @@ class PrintJob:
     def on_event_report(self, association, context, received) -> None:
         """Answer the printer's event; a FAILURE stops the job at its next step."""
         request: N_EVENT_REPORT_RQ = received.command
+        if association.connection.state is not State.Sta6:
+            # PS3.8 Table 9-10: no P-DATA from us after our A-RELEASE-RQ (Sta7).
+            return
         status = 0x0000
         info = ""
         if request.AffectedSOPClassUID == PRINTER and request.EventTypeID in PRINTER_EVENTS:
@@ -294,7 +298,7 @@ class PrintJob:
             text = f"printer event {event}{': ' + info if info else ''}"
             if event == "FAILURE":
                 self.printer_failure = text
-                log.error("%s", text)
+                log.info("%s", text)
             elif event == "WARNING":
                 self.warn(text)
             else:
@@ -437,6 +441,8 @@ class PrintJob:
         # delete each object we created anyway, newest first.
         for sop_class, instance in reversed(list(self.created)):
             await self.delete(sop_class, instance)
+        if self.printer_failure:
+            self.warn(f"after the films were printed: {self.printer_failure}")
 
     async def fill_film(self, number: int, total: int, film: list, session: str,
                         plut_uid: str | None, annotate: bool) -> str:

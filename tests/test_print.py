@@ -51,6 +51,7 @@ from dicomagent.printscu import (BASIC_ANNOTATION_BOX, BASIC_FILM_BOX, BASIC_FIL
                                  BASIC_GRAYSCALE_IMAGE_BOX, BASIC_GRAYSCALE_PRINT_MANAGEMENT_META,
                                  PRESENTATION_LUT, PRINTER, PRINTER_INSTANCE)
 from dicomagent.transcode import UNCOMPRESSED, decode, encode
+from dicomagent.uids import EXPLICIT_VR_BIG_ENDIAN
 from dicomagent.ul.negotiation import (AbstractSyntaxSupport, AcceptorPolicy, accepted_contexts,
                                        negotiate)
 from nodes import HOST, dicomagent_cmd, free_port, require_binary, run, start_listening
@@ -504,6 +505,8 @@ class OwnPrintSCP:
         self.requests: list[tuple[str, str]] = []
         self.image_box_sets = 0
         self.event_responses: list[int] = []
+        #: The transfer syntaxes the image box N-SETs came in.
+        self.transfer_syntaxes: set[str] = set()
 
     def negotiate(self, rq):
         response = negotiate(rq, self.policy)
@@ -572,6 +575,7 @@ class OwnPrintSCP:
                      request.RequestedSOPInstanceUID)
         if request.RequestedSOPClassUID == BASIC_GRAYSCALE_IMAGE_BOX:
             self.image_box_sets += 1
+            self.transfer_syntaxes.add(context.transfer_syntax)
             if self.event_after and self.event_after[0] == self.image_box_sets:
                 asyncio.get_running_loop().create_task(self.report(association, context))
 
@@ -658,12 +662,13 @@ def print_against_own_scp(scp: OwnPrintSCP, config_settings: dict, tmp_path: Pat
 def test_annotation_text_and_film_session_printing(tmp_path):
     """The annotation reaches the annotation box the configuration names, on every film;
     N-ACTION at film session level prints both films; a warning status (B605 on the film
-    box N-CREATE) is reported; everything created is deleted at the end."""
+    box N-CREATE) is reported; everything created is deleted at the end. 12-bit pixels in
+    Explicit VR Big Endian (this SCP prefers the seed's Table 12 order)."""
     scp = OwnPrintSCP(statuses={("N-CREATE-RQ", BASIC_FILM_BOX): 0xB605})
     paths = [write_image(tmp_path / f"{n}.dcm", seed=10 + n) for n in range(3)]
     status, out, err = print_against_own_scp(
         scp, {"print_level": "film_session", "annotation_position": 2,
-              "presentation_lut_shape": "LIN OD"},
+              "presentation_lut_shape": "LIN OD", "bits_stored": 12},
         tmp_path, *paths, "--layout", "2,1", "--annotation", "Ward 3 / Dr. Quincy")
 
     assert status == 0, out + err
@@ -678,7 +683,8 @@ def test_annotation_text_and_film_session_printing(tmp_path):
     # 2x1 on a 160 x 200 film: boxes of 80 x 200.
     for path, pixels in zip(paths, [*scp.printed[0].images.values(),
                                     *scp.printed[1].images.values()]):
-        assert_pixels(pixels, expected_print(path, (80, 200), 8), path.name)
+        assert_pixels(pixels, expected_print(path, (80, 200), 12), path.name)
+    assert scp.transfer_syntaxes == {EXPLICIT_VR_BIG_ENDIAN}
     assert [name for name, sop_class in scp.requests if sop_class == PRESENTATION_LUT] == \
         ["N-CREATE-RQ", "N-DELETE-RQ"]
     assert ("N-ACTION-RQ", BASIC_FILM_SESSION) in scp.requests
