@@ -28,6 +28,7 @@ C.10.4 / C.10.6 (displayed area, spatial transformation), C.13 (print modules); 
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import os
 import signal
@@ -732,3 +733,40 @@ def test_failure_event_stops_the_job_and_cleans_up(tmp_path):
     assert scp.requests[-2:] == [("N-DELETE-RQ", BASIC_FILM_BOX),
                                  ("N-DELETE-RQ", BASIC_FILM_SESSION)]
     assert scp.objects == {}, "left behind on the printer"
+
+
+# --- rendering paths the print jobs above do not take ---------------------------------------------
+
+def test_render_lookup_tables_and_sigmoid(tmp_path):
+    """Modality LUT Sequence and VOI LUT Sequence (PS3.3 C.11.1, C.11.2.1.1), the SIGMOID
+    window (C.11.2.1.3.1), and no VOI at all (the values' own range), at the image's own
+    size (box = image)."""
+    from dicomagent.render import render
+    ds = pydicom.dcmread(write_image(tmp_path / "ct.dcm", rows=16, columns=32, seed=40))
+    stored = ds.pixel_array.astype(int)
+
+    modality = Dataset()
+    modality.LUTDescriptor = [4096, 0, 16]
+    modality.LUTData = [(4095 - v) * 2 for v in range(4096)]
+    modality.ModalityLUTType = "US"
+    voi = Dataset()
+    voi.LUTDescriptor = [1024, 4096, 8]                 # maps 4096 ... 5119; outside: clamped
+    voi.LUTData = [v // 4 for v in range(1024)]
+    tables = copy.deepcopy(ds)
+    del tables.RescaleSlope, tables.RescaleIntercept, tables.WindowCenter, tables.WindowWidth
+    tables.ModalityLUTSequence, tables.VOILUTSequence = [modality], [voi]
+    expected = [[min(max((4095 - v) * 2 - 4096, 0), 1023) // 4 for v in row] for row in stored]
+    assert render(tables, (32, 16), 8).pixels.tolist() == expected
+
+    sigmoid = copy.deepcopy(ds)
+    sigmoid.VOILUTFunction = "SIGMOID"
+    hu = stored - 1024
+    expected = [[math.floor(255 / (1 + math.exp(-4 * (v - 40) / 400)) + 0.5) for v in row]
+                for row in hu]
+    assert numpy.abs(render(sigmoid, (32, 16), 8).pixels.astype(int) - expected).max() <= 1
+
+    plain = copy.deepcopy(ds)
+    del plain.WindowCenter, plain.WindowWidth
+    low, high = hu.min(), hu.max()
+    expected = [[math.floor((v - low) / (high - low) * 4095 + 0.5) for v in row] for row in hu]
+    assert render(plain, (32, 16), 12).pixels.tolist() == expected
