@@ -457,6 +457,8 @@ class PrintJob:
             raise PrintFailed(f"{step}: the printer created {len(image_boxes)} image boxes for "
                               f"STANDARD\\{self.columns},{self.rows}")
         size = image_box_size(self.settings, self.columns, self.rows)
+        # PS3.3 C.13.4: the Referenced Image Box Sequence lists the boxes in the order of
+        # their Image Box Position (1 is top left, then left to right, top to bottom).
         for position, (render, reference) in enumerate(zip(film, image_boxes), 1):
             image = render(size)
             await self.set(f"{step}: Basic Grayscale Image Box N-SET (position {position})",
