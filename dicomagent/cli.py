@@ -3,9 +3,11 @@
 Subcommands: ``serve`` (the daemon), ``echo`` (Verification SCU), ``store``
 (Storage SCU), ``find`` / ``move`` / ``get`` (Query/Retrieve SCU), ``commit``
 (Storage Commitment SCU), ``ls``, ``import`` and ``retention`` (the local
-archive); ``worklist``, ``mpps`` and ``outbox`` live in ``cli_workflow``. Flags
-follow DCMTK's tools where DICOM people already know them: ``HOST PORT``
-positionals, ``-aet`` / ``-aec`` as aliases of ``--aet`` / ``--aec``.
+archive), ``print`` (Print Management SCU); ``worklist``, ``mpps``, ``outbox``,
+``gpsps``, ``gppps`` and ``gpwl`` live in ``cli_workflow``, ``probe`` in
+``dicomagent.probe.cli``. Flags follow DCMTK's tools where DICOM people already
+know them: ``HOST PORT`` positionals, ``-aet`` / ``-aec`` as aliases of ``--aet`` /
+``--aec``.
 
 Exit codes: 0 success; 1 the peer answered with a failure status; 2 usage or
 configuration error; 3 no connection (refused, unreachable, timed out);
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_local_options(ls)
     ls.add_argument("--level", choices=("study", "series", "instance"), default="study")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    _add_print_parser(commands)
 
     imp = commands.add_parser("import", help="add DICOM files from disk to the archive")
     _add_local_options(imp)
@@ -554,7 +558,132 @@ def cmd_retention(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"commit": cmd_commit, "retention": cmd_retention, "find": cmd_find, "move": cmd_move, "get": cmd_get, "serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
+def _add_print_parser(commands) -> None:
+    """``dicomagent print PRINTER PATH|UID...``: Basic Grayscale Print Management SCU."""
+    sub = commands.add_parser("print", help="Print Management SCU: print images on a DICOM "
+                                            "printer ([peers.NAME] and [print.NAME])")
+    _add_local_options(sub)
+    sub.add_argument("printer", metavar="PRINTER", help="name of a [peers.NAME] entry")
+    sub.add_argument("items", nargs="+", metavar="PATH|UID",
+                     help="DICOM files or folders, or SOP Instance UIDs of the local archive")
+    sub.add_argument("--layout", default="1,1", metavar="C,R",
+                     help="image boxes per film, columns,rows (STANDARD\\C,R; default 1,1)")
+    sub.add_argument("--copies", type=int, metavar="N", help="Number of Copies")
+    sub.add_argument("--film-size", metavar="ID", help="Film Size ID, e.g. 14INX17IN")
+    sub.add_argument("--orientation", type=str.upper, choices=("PORTRAIT", "LANDSCAPE"),
+                     help="Film Orientation")
+    sub.add_argument("--annotation", metavar="TEXT", help="text for the annotation box")
+    sub.add_argument("--bits", type=int, choices=(8, 12), help="bits per printed pixel")
+    sub.add_argument("--presentation-lut", metavar="SHAPE",
+                     help="Presentation LUT Shape (IDENTITY, LIN OD) or 'none'")
+    sub.add_argument("--gsps", metavar="FILE",
+                     help="Grayscale Softcopy Presentation State to apply to the images")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any [print.NAME] key for this job (repeatable)")
+    sub.add_argument("--aet", "-aet", metavar="AET", help="calling AE title (agent.ae_title)")
+    sub.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="connect, association and response timeout (default 30)")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _print_settings(args, config):
+    """The printer's [print.NAME] table with this job's flags applied (ConfigError if wrong)."""
+    import dataclasses
+    from dicomagent.config import PrintSettings, check_print_settings
+    settings = dataclasses.replace(config.print.get(args.printer, PrintSettings()))
+    types = {f.name: f.type for f in dataclasses.fields(PrintSettings)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise ConfigError(f"--set {key}: unknown key (known: {', '.join(sorted(types))})")
+        try:
+            setattr(settings, key, int(value) if types[key] in ("int", int) else value)
+        except ValueError:
+            raise ConfigError(f"--set {key}: expected an integer, got {value!r}") from None
+    for flag, key in (("copies", "number_of_copies"), ("film_size", "film_size_id"),
+                      ("orientation", "film_orientation"), ("bits", "bits_stored")):
+        if getattr(args, flag) is not None:
+            setattr(settings, key, getattr(args, flag))
+    if args.presentation_lut is not None:
+        shape = args.presentation_lut.upper()
+        settings.presentation_lut_shape = "" if shape == "NONE" else shape
+    check_print_settings(settings, f"print.{args.printer}")
+    return settings
+
+
+def cmd_print(args) -> int:
+    import re
+    import pydicom
+    from dicomagent.printscu import PrintFailed, file_renderer, find_images, print_images
+    _setup_logging(args.verbose, logging.ERROR)
+    layout = re.fullmatch(r"(\d+),(\d+)", args.layout)
+    if layout is None or 0 in (int(layout.group(1)), int(layout.group(2))):
+        print(f"dicomagent print: --layout C,R with C and R at least 1, not {args.layout!r}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load_with_overrides(argparse.Namespace(config=args.config,
+                                                        data_dir=args.data_dir))
+        if args.printer not in config.peers:
+            raise ConfigError(f"no [peers.{args.printer}] in "
+                              f"{args.config or 'the embedded defaults'}")
+        settings = _print_settings(args, config)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    paths, problems = find_images(args.items, config.agent.data_dir)
+    for problem in problems:
+        print(f"dicomagent print: {problem}", file=sys.stderr)
+    if problems or not paths:
+        print("dicomagent print: nothing printed" if problems else
+              "dicomagent print: no DICOM files to print", file=sys.stderr)
+        return EXIT_USAGE
+    gsps = None
+    if args.gsps:
+        try:
+            gsps = pydicom.dcmread(args.gsps)
+        except (OSError, pydicom.errors.InvalidDicomError) as error:
+            print(f"dicomagent print: {args.gsps}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+    peer = config.peers[args.printer]
+    columns, rows = int(layout.group(1)), int(layout.group(2))
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(paths), unit="image", file=sys.stderr)
+
+    def progress(result) -> None:
+        if bar is not None:
+            bar.update(result.images - bar.n)
+
+    images = [file_renderer(path, settings.bits_stored, gsps) for path in paths]
+
+    async def job():
+        try:
+            return await print_images(peer.host, peer.port, args.aet or config.agent.ae_title,
+                                      peer.ae_title, settings, images, (columns, rows),
+                                      args.annotation, args.timeout, progress)
+        except PrintFailed as error:
+            return error
+
+    result, code = _run(_scu_call(job(), "print"))
+    if bar is not None:
+        bar.close()
+    if result is None:
+        return code
+    if isinstance(result, PrintFailed):
+        print(f"dicomagent print: {result}", file=sys.stderr)
+        return EXIT_FAILURE_STATUS
+    for warning in result.warnings:
+        print(f"dicomagent print: warning: {warning}", file=sys.stderr)
+    print(f"printed {result.images} images on {result.films} films "
+          f"({settings.film_size_id} {settings.film_orientation}, STANDARD\\{columns},{rows}, "
+          f"{settings.number_of_copies} copies) on {args.printer} ({peer.ae_title}@{peer.host}:"
+          f"{peer.port})")
+    return EXIT_OK
+
+
+COMMANDS = {"print": cmd_print, "commit": cmd_commit, "retention": cmd_retention, "find": cmd_find, "move": cmd_move, "get": cmd_get, "serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
             "import": cmd_import}
 
 

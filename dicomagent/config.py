@@ -123,6 +123,47 @@ class Peer:
 
 
 @dataclass
+class PrintSettings:
+    """A printer's film attributes: ``[print.NAME]`` for the ``[peers.NAME]`` of that name.
+
+    The values go into the Basic Film Session and Basic Film Box N-CREATE (PS3.3 C.13.1,
+    C.13.3); an empty string (or 0 for the densities) leaves the attribute out, so the
+    printer uses its own default. Seed 3.1.2.9.3: every attribute but the Image Display
+    Format is configurable.
+    """
+
+    film_size_id: str = "14INX17IN"
+    film_orientation: str = "PORTRAIT"
+    magnification_type: str = ""
+    medium_type: str = ""
+    film_destination: str = ""
+    film_session_label: str = ""
+    number_of_copies: int = 1
+    #: Print Priority (2000,0020): HIGH, MED or LOW.
+    priority: str = "MED"
+    #: Preformatted Grayscale Image depth: 8 or 12 bits.
+    bits_stored: int = 8
+    #: Presentation LUT Shape (IDENTITY or LIN OD); empty: no Presentation LUT.
+    presentation_lut_shape: str = ""
+    border_density: str = ""
+    empty_image_density: str = ""
+    #: Hundredths of optical density; 0: not sent.
+    min_density: int = 0
+    max_density: int = 0
+    #: Trim (2010,0140): YES or NO; empty: not sent.
+    trim: str = ""
+    configuration_information: str = ""
+    #: Annotation Display Format ID (2010,0030), sent when the job has an annotation.
+    annotation_display_format_id: str = "ANNOTATION"
+    #: Annotation Position (2030,0010) of the job's annotation text.
+    annotation_position: int = 1
+    #: Where the print N-ACTION goes: "film_box" (each film) or "film_session" (all at once).
+    print_level: str = "film_box"
+    #: Pixels per inch of the rendered images (the image box size in pixels follows from it).
+    resolution_dpi: int = 150
+
+
+@dataclass
 class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -131,6 +172,8 @@ class Config:
     gp: GeneralPurposeConfig = field(default_factory=GeneralPurposeConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     peers: dict[str, Peer] = field(default_factory=dict)
+    #: ``[print.NAME]``: film attributes of the printer ``[peers.NAME]``.
+    print: dict[str, PrintSettings] = field(default_factory=dict)
 
     # Shortcuts used everywhere.
     @property
@@ -236,7 +279,37 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"mpps.forward_to[{i}]: no [peers.{name}] table")
     if not 0 < config.outbox.first_retry <= config.outbox.last_retry:
         raise ConfigError("outbox.first_retry: must be positive and at most outbox.last_retry")
+    for name, settings in config.print.items():
+        if name not in config.peers:
+            raise ConfigError(f"print.{name}: no [peers.{name}] with the printer's address")
+        check_print_settings(settings, f"print.{name}")
     return config
+
+
+#: PS3.3 C.13.1 / C.13.3 enumerated values, and our own choices, per PrintSettings key.
+_PRINT_CHOICES = {
+    "film_orientation": ("PORTRAIT", "LANDSCAPE"),
+    "priority": ("HIGH", "MED", "LOW"),
+    "bits_stored": (8, 12),
+    "presentation_lut_shape": ("", "IDENTITY", "LIN OD"),
+    "trim": ("", "YES", "NO"),
+    "print_level": ("film_box", "film_session"),
+}
+
+
+def check_print_settings(settings: PrintSettings, key: str) -> None:
+    """The enumerated PrintSettings values, the film size and the numbers that must be > 0."""
+    from dicomagent.printscu import film_size_mm
+    for name, choices in _PRINT_CHOICES.items():
+        if getattr(settings, name) not in choices:
+            raise ConfigError(f"{key}.{name}: one of {', '.join(map(repr, choices))}, "
+                              f"not {getattr(settings, name)!r}")
+    if film_size_mm(settings.film_size_id) is None:
+        raise ConfigError(f"{key}.film_size_id: not a Film Size ID of PS3.3 C.13.3 "
+                          f"(e.g. 14INX17IN, 24CMX30CM, A4): {settings.film_size_id!r}")
+    for name in ("number_of_copies", "resolution_dpi", "annotation_position"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{key}.{name}: must be at least 1")
 
 
 def load_config(path: str | Path | None = None) -> Config:
