@@ -40,6 +40,7 @@ import struct
 import time
 from dataclasses import asdict, dataclass, field
 
+from dicomagent import printscu
 from dicomagent.association import AssociationError, AssociationRejected, associate
 from dicomagent.config import Config
 from dicomagent.dimse.commands import C_ECHO_RQ
@@ -63,10 +64,10 @@ TS_NAMES = {IMPLICIT_VR_LITTLE_ENDIAN: "Implicit VR LE", EXPLICIT_VR_LITTLE_ENDI
 
 #: PS3.4 Annex H print classes (the SCU side is ``dicomagent print``).
 PRINT_SOP_CLASSES = {
-    "1.2.840.10008.5.1.1.9": "Basic Grayscale Print Management Meta SOP Class",
-    "1.2.840.10008.5.1.1.18": "Basic Color Print Management Meta SOP Class",
-    "1.2.840.10008.5.1.1.23": "Presentation LUT SOP Class",
-    "1.2.840.10008.5.1.1.15": "Basic Annotation Box SOP Class",
+    printscu.BASIC_GRAYSCALE_PRINT_MANAGEMENT_META:
+        "Basic Grayscale Print Management Meta SOP Class",
+    printscu.PRESENTATION_LUT: "Presentation LUT SOP Class",
+    printscu.BASIC_ANNOTATION_BOX: "Basic Annotation Box SOP Class",
 }
 
 MAX_CONTEXTS = 128
