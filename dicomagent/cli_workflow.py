@@ -167,7 +167,7 @@ def _print_rows(columns: list[str], rows: list[list]) -> None:
 
 
 def _first(attrs: dict, key: str) -> str:
-    from dicomagent.services.mpps import text_of
+    from dicomagent.services.procedure import text_of
     return text_of(attrs, key)
 
 

@@ -80,7 +80,7 @@ class OutboxMessage:
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS worklist (
-    item_id INTEGER PRIMARY KEY,
+    item_id INTEGER PRIMARY KEY AUTOINCREMENT,      -- never reused: MPPS rows keep ids
     {", ".join(f"{column} TEXT NOT NULL DEFAULT ''" for column in WORKLIST_COLUMNS)},
     attrs BLOB NOT NULL,
     source TEXT NOT NULL DEFAULT '',

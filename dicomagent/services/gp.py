@@ -42,11 +42,11 @@ from pydicom.uid import generate_uid
 
 from dicomagent.archive import worklist
 from dicomagent.archive.workflow import DuplicateInstance, UnknownInstance
-from dicomagent.dimse.commands import (C_FIND_RQ, N_ACTION_RQ, N_ACTION_RSP, N_CREATE_RQ,
-                                       N_CREATE_RSP, N_SET_RQ, N_SET_RSP)
-from dicomagent.services import ServiceClass
-from dicomagent.services.mpps import PATIENT_KEYS, Refused, data_set_json, text_of
-from dicomagent.services.mwl import c_find_handler
+from dicomagent.dimse.commands import C_FIND_RQ, N_ACTION_RQ, N_CREATE_RQ, N_SET_RQ
+from dicomagent.services import Initiation, KeyGroup, ServiceClass, Status
+from dicomagent.services.mwl import FIND_STATUSES, c_find_handler
+from dicomagent.services.procedure import (FAILED, PATIENT_KEYS, SUCCESS, Refused, answer,
+                                           coerce_patient, data_set_json, text_of)
 
 log = logging.getLogger("dicomagent.gp")
 
@@ -57,14 +57,12 @@ GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP = "1.2.840.10008.5.1.4.32.3"
 
 REQUEST_STATUS_MODIFICATION = 1       # N-ACTION Action Type ID of the GP-SPS
 
-SUCCESS = 0x0000
 MAY_NO_LONGER_BE_UPDATED = 0xA501
 WRONG_TRANSACTION_UID = 0xA502
 ALREADY_IN_PROGRESS = 0xA503
 SPS_NOT_IN_PROGRESS = 0xA504
 TRANSACTION_UID_MISMATCH = 0xA505
 PPS_NOT_IN_PROGRESS = 0xA506
-FAILED = 0xA900
 NO_SUCH_ACTION_TYPE = 0x0123
 NO_SUCH_SOP_INSTANCE = 0x0112
 DUPLICATE_SOP_INSTANCE = 0x0111
@@ -144,33 +142,20 @@ def modify_status(store, uid: str, request: dict) -> str:
 
 
 async def handle_n_action(association, context, received) -> None:
+    """"Request GP-SPS Status Modification" (seed 3.1.3.7.3)."""
     request: N_ACTION_RQ = received.command
     uid = request.RequestedSOPInstanceUID or ""
 
-    def respond(status: int, comment: str | None = None) -> None:
-        association.send_message(context.context_id, N_ACTION_RSP(
-            AffectedSOPClassUID=GENERAL_PURPOSE_SCHEDULED_PROCEDURE_STEP,
-            MessageIDBeingRespondedTo=request.MessageID, Status=status,
-            AffectedSOPInstanceUID=uid,
-            ActionTypeID=request.ActionTypeID if status == SUCCESS else None,
-            ErrorComment=comment))
-
-    try:
+    async def work():
         if request.ActionTypeID != REQUEST_STATUS_MODIFICATION:
             raise Refused(NO_SUCH_ACTION_TYPE, f"Action Type ID {request.ActionTypeID}")
-        status = await association.agent.in_workflow(modify_status, uid,
-                                                     data_set_json(received, context))
-    except Refused as refused:
-        log.warning("%s GP-SPS N-ACTION %s refused (%04X): %s", association.describe(), uid,
-                    refused.status, refused.comment)
-        respond(refused.status, refused.comment)
-        return
-    except Exception as error:  # noqa: BLE001 - the store failed: nothing was changed
-        log.error("%s GP-SPS N-ACTION %s failed: %s", association.describe(), uid, error)
-        respond(FAILED, "the step could not be updated")
-        return
-    respond(SUCCESS)
-    log.info("%s GP-SPS %s: %s", association.describe(), uid, status)
+        return await association.agent.in_workflow(modify_status, uid,
+                                                    data_set_json(received, context))
+
+    status = await answer(association, context, received,
+                          GENERAL_PURPOSE_SCHEDULED_PROCEDURE_STEP, uid, "GP-SPS N-ACTION", work)
+    if status is not None:
+        log.info("%s GP-SPS %s: %s", association.describe(), uid, status)
 
 
 # --- GP-PPS: N-CREATE and N-SET ------------------------------------------------------------
@@ -191,9 +176,7 @@ def create_performed(store, uid: str, attrs: dict) -> list[str]:
             raise Refused(TRANSACTION_UID_MISMATCH,
                           "not the Transaction UID of the scheduled step's claim")
         scheduled = step["attrs"]
-        for key in PATIENT_KEYS:                      # coercion (seed 3.1.3.8.3)
-            if key in scheduled:
-                attrs[key] = scheduled[key]
+        coerce_patient(attrs, scheduled)              # seed 3.1.3.8.3
         resulting = scheduled.setdefault(RESULTING_PPS_KEY, {"vr": "SQ", "Value": []})
         resulting.setdefault("Value", []).append({
             REFERENCED_SOP_CLASS_KEY: _uid_value(GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP),
@@ -227,60 +210,38 @@ def set_performed(store, uid: str, modification: dict) -> str:
 
 
 async def handle_n_create(association, context, received) -> None:
+    """A new GP-PPS, IN PROGRESS, performing the GP-SPS it references."""
     request: N_CREATE_RQ = received.command
     uid = request.AffectedSOPInstanceUID or generate_uid()
 
-    def respond(status: int, comment: str | None = None) -> None:
-        association.send_message(context.context_id, N_CREATE_RSP(
-            AffectedSOPClassUID=GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP,
-            MessageIDBeingRespondedTo=request.MessageID, Status=status,
-            AffectedSOPInstanceUID=uid, ErrorComment=comment))
-
-    try:
+    async def work():
         attrs = data_set_json(received, context)
         if PPS_STATUS_KEY not in attrs:
             raise Refused(MISSING_ATTRIBUTE, "GP-PPS Status (0040,4002) missing")
         if text_of(attrs, PPS_STATUS_KEY) != IN_PROGRESS:
             raise Refused(INVALID_ATTRIBUTE_VALUE, "GP-PPS Status must be IN PROGRESS")
-        steps = await association.agent.in_workflow(create_performed, uid, attrs)
-    except Refused as refused:
-        log.warning("%s GP-PPS N-CREATE %s refused (%04X): %s", association.describe(), uid,
-                    refused.status, refused.comment)
-        respond(refused.status, refused.comment)
-        return
-    except Exception as error:  # noqa: BLE001 - the store failed: nothing was kept
-        log.error("%s GP-PPS N-CREATE %s failed: %s", association.describe(), uid, error)
-        respond(FAILED, "the performed step could not be kept")
-        return
-    respond(SUCCESS)
-    log.info("%s GP-PPS N-CREATE %s: IN PROGRESS%s", association.describe(), uid,
-             f" (performs {', '.join(steps)})" if steps else "")
+        return await association.agent.in_workflow(create_performed, uid, attrs)
+
+    steps = await answer(association, context, received,
+                         GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP, uid, "GP-PPS N-CREATE", work)
+    if steps is not None:
+        log.info("%s GP-PPS N-CREATE %s: IN PROGRESS%s", association.describe(), uid,
+                 f" (performs {', '.join(steps)})" if steps else "")
 
 
 async def handle_n_set(association, context, received) -> None:
+    """N-SET of a GP-PPS that is still IN PROGRESS."""
     request: N_SET_RQ = received.command
     uid = request.RequestedSOPInstanceUID or ""
 
-    def respond(status: int, comment: str | None = None) -> None:
-        association.send_message(context.context_id, N_SET_RSP(
-            AffectedSOPClassUID=GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP,
-            MessageIDBeingRespondedTo=request.MessageID, Status=status,
-            AffectedSOPInstanceUID=uid, ErrorComment=comment))
+    async def work():
+        return await association.agent.in_workflow(set_performed, uid,
+                                                    data_set_json(received, context))
 
-    try:
-        status = await association.agent.in_workflow(set_performed, uid,
-                                                     data_set_json(received, context))
-    except Refused as refused:
-        log.warning("%s GP-PPS N-SET %s refused (%04X): %s", association.describe(), uid,
-                    refused.status, refused.comment)
-        respond(refused.status, refused.comment)
-        return
-    except Exception as error:  # noqa: BLE001 - the store failed: nothing was changed
-        log.error("%s GP-PPS N-SET %s failed: %s", association.describe(), uid, error)
-        respond(FAILED, "the performed step could not be updated")
-        return
-    respond(SUCCESS)
-    log.info("%s GP-PPS N-SET %s: %s", association.describe(), uid, status)
+    status = await answer(association, context, received,
+                          GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP, uid, "GP-PPS N-SET", work)
+    if status is not None:
+        log.info("%s GP-PPS N-SET %s: %s", association.describe(), uid, status)
 
 
 def expire(store, lifetime_days: float, now: float | None = None) -> int:
@@ -291,23 +252,68 @@ def expire(store, lifetime_days: float, now: float | None = None) -> int:
 
 _find = c_find_handler(worklist.GENERAL_PURPOSE)
 
+ACTION_STATUSES = (
+    Status(SUCCESS, "Status modified"),
+    Status(MAY_NO_LONGER_BE_UPDATED, "Step may no longer be updated (COMPLETED or "
+                                     "DISCONTINUED)"),
+    Status(WRONG_TRANSACTION_UID, "Wrong Transaction UID (not the one of the claim)"),
+    Status(ALREADY_IN_PROGRESS, "Step is already IN PROGRESS"),
+    Status(NO_SUCH_ACTION_TYPE, "Action Type ID is not 1 (Request GP-SPS Status Modification)"),
+    Status(NO_SUCH_SOP_INSTANCE, "No such General Purpose Scheduled Procedure Step"),
+    Status(MISSING_ATTRIBUTE, "GP-SPS Status, or the claim's Transaction UID, missing"),
+    Status(INVALID_ATTRIBUTE_VALUE, "A transition the state diagram does not have"),
+    Status(FAILED, "Data set cannot be read, or the step cannot be updated"),
+)
+CREATE_STATUSES = (
+    Status(SUCCESS, "Created, IN PROGRESS; the GP-SPS it performs leaves the worklist"),
+    Status(SPS_NOT_IN_PROGRESS, "The referenced GP-SPS is not IN PROGRESS"),
+    Status(TRANSACTION_UID_MISMATCH, "Referenced GP-SPS Transaction UID is not the one of "
+                                     "the claim"),
+    Status(DUPLICATE_SOP_INSTANCE, "An instance with this SOP Instance UID exists"),
+    Status(MISSING_ATTRIBUTE, "GP-PPS Status missing"),
+    Status(INVALID_ATTRIBUTE_VALUE, "GP-PPS Status is not IN PROGRESS, or an unknown GP-SPS "
+                                    "is referenced"),
+    Status(FAILED, "Data set cannot be read, or the step cannot be kept"),
+)
+SET_STATUSES = (
+    Status(SUCCESS, "Updated"),
+    Status(PPS_NOT_IN_PROGRESS, "The GP-PPS is not IN PROGRESS"),
+    Status(NO_SUCH_SOP_INSTANCE, "No such General Purpose Performed Procedure Step"),
+    Status(INVALID_ATTRIBUTE_VALUE, "A GP-PPS Status not allowed"),
+    Status(FAILED, "Data set cannot be read, or the step cannot be updated"),
+)
+
 WORKLIST = ServiceClass(
     name="General Purpose Worklist", reference="PS3.4 (2003) K.6.2",
     sop_classes={GENERAL_PURPOSE_WORKLIST_FIND: "General Purpose Worklist Information Model - FIND"},
-    handlers={C_FIND_RQ: _find})
+    handlers={C_FIND_RQ: _find},
+    statuses={C_FIND_RQ: FIND_STATUSES},
+    query_keys=(KeyGroup("General Purpose Scheduled Procedure Step", worklist.GP_MATCHING_KEYS,
+                         "matched in the workflow store; any other key with a value is "
+                         "matched on the candidate steps; every key asked for is returned"),),
+    initiates=(Initiation("SCU", "gpwl", "query a General Purpose Worklist (C-FIND-RQ)"),))
 SCHEDULED_STEP = ServiceClass(
     name="General Purpose Scheduled Procedure Step", reference="PS3.4 (2003) Annex F",
     sop_classes={GENERAL_PURPOSE_SCHEDULED_PROCEDURE_STEP:
                  "General Purpose Scheduled Procedure Step"},
-    handlers={N_ACTION_RQ: handle_n_action})
+    handlers={N_ACTION_RQ: handle_n_action},
+    statuses={N_ACTION_RQ: ACTION_STATUSES},
+    initiates=(Initiation("SCU", "gpsps", "claim, suspend, complete or discontinue a step "
+                          "(N-ACTION-RQ, gpsps action)"),))
 PERFORMED_STEP = ServiceClass(
     name="General Purpose Performed Procedure Step", reference="PS3.4 (2003) Annex F",
     sop_classes={GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP:
                  "General Purpose Performed Procedure Step"},
-    handlers={N_CREATE_RQ: handle_n_create, N_SET_RQ: handle_n_set})
+    handlers={N_CREATE_RQ: handle_n_create, N_SET_RQ: handle_n_set},
+    statuses={N_CREATE_RQ: CREATE_STATUSES, N_SET_RQ: SET_STATUSES},
+    initiates=(Initiation("SCU", "gppps", "record the work on a step (N-CREATE-RQ, N-SET-RQ: "
+                          "gppps create, gppps set)"),))
 #: The meta SOP class: one context for the three (seed Tables 8-10).
 META = ServiceClass(
     name="General Purpose Worklist Management Meta", reference="PS3.4 (2003) Annex K",
     sop_classes={GENERAL_PURPOSE_WORKLIST_META: "General Purpose Worklist Management Meta"},
     handlers={C_FIND_RQ: _find, N_ACTION_RQ: handle_n_action, N_CREATE_RQ: handle_n_create,
-              N_SET_RQ: handle_n_set})
+              N_SET_RQ: handle_n_set},
+    statuses={**WORKLIST.statuses, **SCHEDULED_STEP.statuses, **PERFORMED_STEP.statuses},
+    initiates=(Initiation("SCU", "gpsps", "gpsps action --meta"),
+               Initiation("SCU", "gppps", "gppps create --meta, gppps set --meta")))

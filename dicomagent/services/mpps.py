@@ -36,16 +36,15 @@ import time
 from pydicom.uid import generate_uid
 
 from dicomagent.archive.workflow import DuplicateInstance, Outgoing, UnknownInstance
-from dicomagent.dimse.commands import N_CREATE_RQ, N_CREATE_RSP, N_SET_RQ, N_SET_RSP
-from dicomagent.services import ServiceClass
-from dicomagent.transcode import decode
+from dicomagent.dimse.commands import N_CREATE_RQ, N_SET_RQ
+from dicomagent.services import Initiation, ServiceClass, Status
+from dicomagent.services.procedure import (FAILED, PATIENT_KEYS, SUCCESS, Refused, answer,
+                                           coerce_patient, data_set_json, text_of)
 
 log = logging.getLogger("dicomagent.mpps")
 
 MODALITY_PERFORMED_PROCEDURE_STEP = "1.2.840.10008.3.1.2.3.3"
 
-SUCCESS = 0x0000
-FAILED = 0xA900                            # seed Tables 71-72
 PROCESSING_FAILURE = 0x0110
 DUPLICATE_SOP_INSTANCE = 0x0111
 NO_SUCH_SOP_INSTANCE = 0x0112
@@ -57,13 +56,6 @@ FINAL = (COMPLETED, DISCONTINUED)
 
 STATUS_KEY = "00400252"                    # Performed Procedure Step Status
 SCHEDULED_STEP_ATTRIBUTES_KEY = "00400270"  # Scheduled Step Attributes Sequence
-
-#: Patient identification taken from the worklist item (seed 3.1.3.6.3).
-PATIENT_KEYS = ("00100010",   # Patient's Name
-                "00100020",   # Patient ID
-                "00100021",   # Issuer of Patient ID
-                "00100030",   # Patient's Birth Date
-                "00100040")   # Patient's Sex
 
 #: Scheduling information of a Scheduled Step Attributes Sequence item taken from the
 #: worklist item: top-level keys of the item, or keys of its scheduled step.
@@ -79,24 +71,6 @@ STEP_KEYS = ("00400009",         # Scheduled Procedure Step ID
 #: worklist column -> key in a Scheduled Step Attributes Sequence item.
 REFERENCE_COLUMNS = {"StudyInstanceUID": "0020000D", "AccessionNumber": "00080050",
                      "RequestedProcedureID": "00401001", "ScheduledProcedureStepID": "00400009"}
-
-
-class Refused(Exception):
-    """A request answered with a failure status."""
-
-    def __init__(self, status: int, comment: str):
-        super().__init__(comment)
-        self.status = status
-        self.comment = comment
-
-
-def text_of(attrs: dict, key: str) -> str:
-    """The first value of a DICOM JSON attribute as text ("" when it has none)."""
-    value = (attrs.get(key) or {}).get("Value") or [""]
-    first = value[0]
-    if isinstance(first, dict):                 # PN in DICOM JSON
-        return first.get("Alphabetic", "")
-    return str(first)
 
 
 def coerce(attrs: dict, find_scheduled) -> list[int]:
@@ -117,9 +91,7 @@ def coerce(attrs: dict, find_scheduled) -> list[int]:
             continue
         item_id, scheduled = rows[0]
         performed.append(item_id)
-        for key in PATIENT_KEYS:
-            if key in scheduled:
-                attrs[key] = scheduled[key]
+        coerce_patient(attrs, scheduled)
         for key in SCHEDULING_KEYS:
             if key in scheduled:
                 item[key] = scheduled[key]
@@ -169,47 +141,26 @@ def update(store, forward_to: list[str], sop_instance_uid: str, modification: di
     return new_status
 
 
-def data_set_json(received, context) -> dict:
-    """The request's data set as DICOM JSON; ``Refused`` (A900) if it cannot be read."""
-    try:
-        return decode(received.data_set or b"", context.transfer_syntax).to_json_dict()
-    except Exception as error:  # noqa: BLE001 - pydicom's many ways to fail on bad input
-        raise Refused(FAILED, f"data set cannot be read: {error}"[:64]) from None
-
-
 async def handle_n_create(association, context, received) -> None:
     """PS3.4 F.7.2.1: a new performed procedure step, IN PROGRESS."""
     request: N_CREATE_RQ = received.command
     agent = association.agent
     sop_instance_uid = request.AffectedSOPInstanceUID or generate_uid()
 
-    def respond(status: int, comment: str | None = None) -> None:
-        association.send_message(context.context_id, N_CREATE_RSP(
-            AffectedSOPClassUID=MODALITY_PERFORMED_PROCEDURE_STEP,
-            MessageIDBeingRespondedTo=request.MessageID, Status=status,
-            AffectedSOPInstanceUID=sop_instance_uid, ErrorComment=comment))
-
-    try:
+    async def work():
         attrs = data_set_json(received, context)
         if STATUS_KEY not in attrs:
             raise Refused(MISSING_ATTRIBUTE, "Performed Procedure Step Status missing")
         if text_of(attrs, STATUS_KEY) != IN_PROGRESS:
             raise Refused(INVALID_ATTRIBUTE_VALUE,
                           "Performed Procedure Step Status must be IN PROGRESS")
-        performed = await agent.in_workflow(create, agent.config.mpps.forward_to,
-                                            sop_instance_uid, attrs,
-                                            association.calling_ae_title)
-    except Refused as refused:
-        log.warning("%s MPPS N-CREATE %s refused (%04X): %s", association.describe(),
-                    sop_instance_uid, refused.status, refused.comment)
-        respond(refused.status, refused.comment)
+        return await agent.in_workflow(create, agent.config.mpps.forward_to, sop_instance_uid,
+                                       attrs, association.calling_ae_title)
+
+    performed = await answer(association, context, received, MODALITY_PERFORMED_PROCEDURE_STEP,
+                             sop_instance_uid, "MPPS N-CREATE", work)
+    if performed is None:
         return
-    except Exception as error:  # noqa: BLE001 - the store failed: nothing was kept
-        log.error("%s MPPS N-CREATE %s failed: %s", association.describe(), sop_instance_uid,
-                  error)
-        respond(FAILED, "the procedure step could not be kept")
-        return
-    respond(SUCCESS)
     log.info("%s MPPS N-CREATE %s: IN PROGRESS%s", association.describe(), sop_instance_uid,
              f" (worklist item {', '.join(map(str, performed))})" if performed else "")
     agent.forwarder.wake()
@@ -221,26 +172,14 @@ async def handle_n_set(association, context, received) -> None:
     agent = association.agent
     sop_instance_uid = request.RequestedSOPInstanceUID or ""
 
-    def respond(status: int, comment: str | None = None) -> None:
-        association.send_message(context.context_id, N_SET_RSP(
-            AffectedSOPClassUID=MODALITY_PERFORMED_PROCEDURE_STEP,
-            MessageIDBeingRespondedTo=request.MessageID, Status=status,
-            AffectedSOPInstanceUID=sop_instance_uid, ErrorComment=comment))
+    async def work():
+        return await agent.in_workflow(update, agent.config.mpps.forward_to, sop_instance_uid,
+                                       data_set_json(received, context))
 
-    try:
-        modification = data_set_json(received, context)
-        status = await agent.in_workflow(update, agent.config.mpps.forward_to,
-                                         sop_instance_uid, modification)
-    except Refused as refused:
-        log.warning("%s MPPS N-SET %s refused (%04X): %s", association.describe(),
-                    sop_instance_uid, refused.status, refused.comment)
-        respond(refused.status, refused.comment)
+    status = await answer(association, context, received, MODALITY_PERFORMED_PROCEDURE_STEP,
+                          sop_instance_uid, "MPPS N-SET", work)
+    if status is None:
         return
-    except Exception as error:  # noqa: BLE001 - the store failed: nothing was changed
-        log.error("%s MPPS N-SET %s failed: %s", association.describe(), sop_instance_uid, error)
-        respond(FAILED, "the procedure step could not be updated")
-        return
-    respond(SUCCESS)
     log.info("%s MPPS N-SET %s: %s", association.describe(), sop_instance_uid, status)
     agent.forwarder.wake()
 
@@ -256,4 +195,26 @@ SERVICE = ServiceClass(
     reference="PS3.4 Annex F",
     sop_classes={MODALITY_PERFORMED_PROCEDURE_STEP: "Modality Performed Procedure Step"},
     handlers={N_CREATE_RQ: handle_n_create, N_SET_RQ: handle_n_set},
+    statuses={
+        N_CREATE_RQ: (
+            Status(SUCCESS, "Created, IN PROGRESS (coerced from the worklist item)"),
+            Status(DUPLICATE_SOP_INSTANCE, "An instance with this SOP Instance UID exists"),
+            Status(MISSING_ATTRIBUTE, "Performed Procedure Step Status missing"),
+            Status(INVALID_ATTRIBUTE_VALUE, "Performed Procedure Step Status is not IN PROGRESS"),
+            Status(FAILED, "Data set cannot be read, or the step cannot be kept"),
+        ),
+        N_SET_RQ: (
+            Status(SUCCESS, "Updated"),
+            Status(NO_SUCH_SOP_INSTANCE, "No such Performed Procedure Step"),
+            Status(PROCESSING_FAILURE, "Performed Procedure Step Object may no longer be "
+                                       "updated (COMPLETED or DISCONTINUED)"),
+            Status(INVALID_ATTRIBUTE_VALUE, "A Performed Procedure Step Status not allowed"),
+            Status(FAILED, "Data set cannot be read, or the step cannot be updated"),
+        ),
+    },
+    initiates=(
+        Initiation("SCU", "mpps", "a modality's N-CREATE-RQ / N-SET-RQ (mpps create, mpps set)"),
+        Initiation("SCU", "", "forward every accepted N-CREATE / N-SET, as coerced, to each "
+                   "peer of [mpps] forward_to, in order, from a durable outbox"),
+    ),
 )
