@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_local_options(imp)
     imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
 
+    statement = commands.add_parser("conformance-statement",
+                                    help="print dicomagent's DICOM Conformance Statement (PS3.2)")
+    statement.add_argument("--format", choices=("md", "json"), default="md",
+                           help="Markdown (default) or JSON")
+
     from dicomagent import cli_workflow
     from dicomagent.probe import cli as probe_cli
     cli_workflow.add_parsers(commands)
@@ -683,7 +688,16 @@ def cmd_print(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"print": cmd_print, "commit": cmd_commit, "retention": cmd_retention, "find": cmd_find, "move": cmd_move, "get": cmd_get, "serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
+def cmd_conformance_statement(args) -> int:
+    """The statement of the embedded defaults: what ``conformance/CONFORMANCE.md`` holds."""
+    from dicomagent import conformance
+    data = conformance.statement()
+    sys.stdout.write(conformance.to_json(data) if args.format == "json"
+                     else conformance.markdown(data))
+    return EXIT_OK
+
+
+COMMANDS = {"conformance-statement": cmd_conformance_statement, "print": cmd_print, "commit": cmd_commit, "retention": cmd_retention, "find": cmd_find, "move": cmd_move, "get": cmd_get, "serve": cmd_serve, "echo": cmd_echo, "store": cmd_store, "ls": cmd_ls,
             "import": cmd_import}
 
 

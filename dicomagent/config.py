@@ -43,9 +43,13 @@ class Timeouts:
 
 @dataclass
 class AgentSettings:
+    #: Our AE title (1 to 16 characters).
     ae_title: str = "DICOMAGENT"
+    #: Address to listen on.
     host: str = "0.0.0.0"
+    #: TCP port to listen on.
     port: int = 11112
+    #: Where stored objects, the index and the workflow store live.
     data_dir: str = "./dicomagent-data"
     #: Simultaneous associations; 0 = no limit (seed 3.1.1.2).
     max_associations: int = 0
@@ -112,13 +116,17 @@ class GeneralPurposeConfig:
 class OutboxConfig:
     #: Back-off for a forwarding peer that cannot be reached: first wait, doubling up to last (s).
     first_retry: float = 10.0
+    #: The longest wait between two tries (s).
     last_retry: float = 3600.0
 
 
 @dataclass
 class Peer:
+    #: The peer's AE title.
     ae_title: str
+    #: Its host name or address.
     host: str
+    #: Its TCP port.
     port: int
 
 

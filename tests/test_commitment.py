@@ -56,7 +56,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomagent.association import AcceptorAssociation, associate
-from dicomagent.commit import _ReportListener, request_data_set
+from dicomagent.commit import request_data_set
+from dicomagent.listener import Listener
 from dicomagent.config import Config
 from dicomagent.dimse.commands import (DATA_SET_PRESENT, N_ACTION_RQ, N_ACTION_RSP,
                                        N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP)
@@ -291,9 +292,9 @@ def catch_report(ae_title: str, port: int, timeout: float) -> CaughtReport:
                     association.calling_ae_title, request.EventTypeID,
                     decode(received.data_set or b"", context.transfer_syntax))))
 
-        listener = _ReportListener(ae_title, on_report)
-        server = await loop.create_server(lambda: AcceptorAssociation(listener).ul, HOST, port,
-                                          reuse_address=True)
+        listener = Listener(ae_title, {STORAGE_COMMITMENT_PUSH_MODEL: AbstractSyntaxSupport(
+            scp=False, scu=True)}, {(N_EVENT_REPORT_RQ, STORAGE_COMMITMENT_PUSH_MODEL): on_report})
+        await listener.start(HOST, port)
         try:
             try:
                 association, report = await asyncio.wait_for(caught, timeout)
@@ -304,7 +305,7 @@ def catch_report(ae_title: str, port: int, timeout: float) -> CaughtReport:
             await asyncio.wait_for(asyncio.shield(association.ul.closed), 10)
             return report
         finally:
-            server.close()
+            listener.close()
 
     return asyncio.run(main())
 

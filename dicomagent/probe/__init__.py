@@ -40,7 +40,6 @@ import struct
 import time
 from dataclasses import asdict, dataclass, field
 
-from dicomagent import printscu
 from dicomagent.association import AssociationError, AssociationRejected, associate
 from dicomagent.config import Config
 from dicomagent.dimse.commands import C_ECHO_RQ
@@ -61,14 +60,6 @@ UNKNOWN_ABSTRACT_SYNTAX = "1.2.826.0.1.3680043.9.7433.99.1"
 
 TS_NAMES = {IMPLICIT_VR_LITTLE_ENDIAN: "Implicit VR LE", EXPLICIT_VR_LITTLE_ENDIAN:
             "Explicit VR LE", EXPLICIT_VR_BIG_ENDIAN: "Explicit VR BE"}
-
-#: PS3.4 Annex H print classes (the SCU side is ``dicomagent print``).
-PRINT_SOP_CLASSES = {
-    printscu.BASIC_GRAYSCALE_PRINT_MANAGEMENT_META:
-        "Basic Grayscale Print Management Meta SOP Class",
-    printscu.PRESENTATION_LUT: "Presentation LUT SOP Class",
-    printscu.BASIC_ANNOTATION_BOX: "Basic Annotation Box SOP Class",
-}
 
 MAX_CONTEXTS = 128
 
@@ -95,14 +86,14 @@ class ContextSupport:
 
 
 def known_sop_classes() -> dict[str, str]:
-    """Every SOP class dicomagent knows: its registry with every storage class, and print."""
+    """Every SOP class dicomagent knows: its registry (print included) and every storage
+    class."""
     config = Config()
     config.storage.accept_all_storage_classes = True
     classes: dict[str, str] = {}
     for service in registry(config):
         classes.update(service.sop_classes)
     classes.update(all_storage_sop_classes())
-    classes.update(PRINT_SOP_CLASSES)
     return classes
 
 

@@ -32,7 +32,7 @@ from dicomagent.association import AssociationError, associate
 from dicomagent.dimse.commands import (DATA_SET_PRESENT, N_ACTION_RQ, N_ACTION_RSP,
                                        N_EVENT_REPORT_RQ)
 from dicomagent.dimse.status import StatusCategory, category
-from dicomagent.services import ServiceClass
+from dicomagent.services import Initiation, ServiceClass, Status
 from dicomagent.transcode import decode, encode
 from dicomagent.ul.negotiation import ProposedContext
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
@@ -312,4 +312,20 @@ SERVICE = ServiceClass(
     sop_classes={STORAGE_COMMITMENT_PUSH_MODEL: "Storage Commitment Push Model SOP Class"},
     scp=True,
     handlers={N_ACTION_RQ: handle_n_action},
+    statuses={N_ACTION_RQ: (
+        Status(SUCCESS, "Request recorded; the N-EVENT-REPORT follows"),
+        Status(NO_SUCH_ACTION_TYPE, "Action Type ID is not 1 (Request Storage Commitment)"),
+        Status(INVALID_OBJECT_INSTANCE, "Not the well-known Storage Commitment SOP Instance"),
+        Status(MISSING_ATTRIBUTE, "Transaction UID or Referenced SOP Sequence missing"),
+        Status(INVALID_ATTRIBUTE_VALUE, "A Referenced SOP Sequence item lacks a UID"),
+        Status(FAILED, "Data set cannot be parsed, or the request cannot be recorded"),
+    )},
+    initiates=(
+        Initiation("SCU", "commit", "ask a peer to commit to instances (N-ACTION-RQ) and take "
+                   "its N-EVENT-REPORT on the same association, or with --listen-port on one "
+                   "the peer opens (the agent accepts the SCU role there)"),
+        Initiation("SCP", "", "report a commitment result (N-EVENT-REPORT-RQ, event type 1 or "
+                   "2) to a requester whose association has closed, on a new association to "
+                   "its [peers] entry, with SCP/SCU Role Selection; retried with back-off"),
+    ),
 )

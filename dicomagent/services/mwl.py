@@ -20,7 +20,7 @@ import logging
 
 from dicomagent.archive import worklist
 from dicomagent.dimse.commands import C_FIND_RQ, C_FIND_RSP, DATA_SET_PRESENT, NO_DATA_SET
-from dicomagent.services import ServiceClass
+from dicomagent.services import Initiation, KeyGroup, ServiceClass, Status
 from dicomagent.services.qr import encode_response
 from dicomagent.transcode import decode
 
@@ -98,9 +98,23 @@ async def find(model: worklist.Model, association, context, received) -> None:
     respond(SUCCESS)
 
 
+#: C-FIND-RSP statuses of a worklist (seed Table 40), for both worklists.
+FIND_STATUSES = (
+    Status(SUCCESS, "Matching is complete"),
+    Status(PENDING, "Matches are continuing: current match supplied"),
+    Status(CANCEL, "Matching terminated after C-CANCEL-RQ"),
+    Status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match SOP Class (cannot be read)"),
+    Status(UNABLE_TO_PROCESS, "Unable to process (workflow store failure)"),
+)
+
 SERVICE = ServiceClass(
     name="Modality Worklist",
     reference="PS3.4 Annex K",
     sop_classes={MODALITY_WORKLIST_FIND: "Modality Worklist Information Model - FIND"},
     handlers={C_FIND_RQ: c_find_handler(worklist.MODALITY)},
+    statuses={C_FIND_RQ: FIND_STATUSES},
+    query_keys=(KeyGroup("Worklist item", worklist.MATCHING_KEYS,
+                         "matched in the workflow store; any other key with a value is "
+                         "matched on the candidate items; every key asked for is returned"),),
+    initiates=(Initiation("SCU", "find", "query a Modality Worklist (find --model mwl)"),),
 )

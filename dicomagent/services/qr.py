@@ -25,7 +25,8 @@ from dicomagent.association import AssociationError, associate
 from dicomagent.dimse.commands import (C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RSP, C_MOVE_RQ,
                                        C_MOVE_RSP, DATA_SET_PRESENT, NO_DATA_SET)
 from dicomagent.dimse.status import StatusCategory, category
-from dicomagent.services import ServiceClass
+from dicomagent.archive import keys
+from dicomagent.services import Initiation, KeyGroup, ServiceClass, Status
 from dicomagent.jsonencode import Unsupported, encode_json
 from dicomagent.transcode import decode, encode
 
@@ -387,6 +388,60 @@ def find_extended_negotiation(requested: bytes) -> bytes | None:
     return bytes(answer)
 
 
+#: PS3.4 Table C.5-1: the bytes of the C-FIND service-class-application-information.
+FIND_EXTENDED_NEGOTIATION_FIELDS = ("relational-queries", "combined date-time matching",
+                                    "fuzzy semantic matching of person names",
+                                    "timezone query adjustment")
+
+#: Seed Table 40 as the handler answers it (A700 of the seed is never returned).
+FIND_STATUSES = (
+    Status(SUCCESS, "Matching is complete"),
+    Status(PENDING, "Matches are continuing: current match supplied, every optional key "
+                    "supported"),
+    Status(PENDING_WARNING, "Matches are continuing: an optional key with a value could not "
+                            "be matched"),
+    Status(CANCEL, "Matching terminated after C-CANCEL-RQ"),
+    Status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match SOP Class (bad level, unique "
+                                      "key missing above the level, unreadable)"),
+    Status(UNABLE_TO_PROCESS, "Unable to process (index failure)"),
+)
+
+#: Seed Table 65 as the handler answers it (A701 and C002 of the seed are never returned).
+MOVE_STATUSES = (
+    Status(SUCCESS, "Sub-operations complete, no failures"),
+    Status(PENDING, "Sub-operations are continuing"),
+    Status(CANCEL, "Sub-operations terminated after C-CANCEL-RQ"),
+    Status(SUBOPERATIONS_WITH_FAILURES, "Sub-operations complete, one or more failures or "
+                                        "warnings (Failed SOP Instance UID List)"),
+    Status(UNABLE_TO_PERFORM_SUBOPERATIONS, "Refused: unable to perform sub-operations (the "
+                                            "destination cannot be reached)"),
+    Status(MOVE_DESTINATION_UNKNOWN, "Move Destination unknown (not a [peers] entry)"),
+    Status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match SOP Class"),
+)
+
+#: PS3.4 C.4.3.1.4 as the handler answers it.
+GET_STATUSES = (
+    Status(SUCCESS, "Sub-operations complete, no failures"),
+    Status(PENDING, "Sub-operations are continuing"),
+    Status(CANCEL, "Sub-operations terminated after C-CANCEL-RQ"),
+    Status(SUBOPERATIONS_WITH_FAILURES, "Sub-operations complete, one or more failures or "
+                                        "warnings (Failed SOP Instance UID List)"),
+    Status(UNABLE_TO_PERFORM_SUBOPERATIONS, "Refused: every sub-operation failed"),
+    Status(IDENTIFIER_DOES_NOT_MATCH, "Identifier does not match SOP Class"),
+)
+
+#: Seed Tables 41-48, by level, as the index keeps them (``dicomagent.archive.keys``).
+QUERY_KEYS = (
+    KeyGroup("PATIENT", keys.PATIENT_KEYS, "matched in the index and returned"),
+    KeyGroup("STUDY", keys.STUDY_KEYS, "matched in the index and returned"),
+    KeyGroup("STUDY (computed)", keys.STUDY_COMPUTED_KEYS,
+             "computed by the index and returned; Modalities in Study is also matched"),
+    KeyGroup("SERIES", keys.SERIES_KEYS, "matched in the index and returned"),
+    KeyGroup("SERIES (computed)", keys.SERIES_COMPUTED_KEYS,
+             "computed by the index and returned"),
+    KeyGroup("IMAGE", keys.INSTANCE_KEYS, "matched in the index and returned"),
+)
+
 FIND = ServiceClass(
     name="Query/Retrieve - FIND",
     reference="PS3.4 C.4.1",
@@ -394,6 +449,13 @@ FIND = ServiceClass(
                  PATIENT_ROOT_FIND: "Patient Root Query/Retrieve Information Model - FIND"},
     handlers={C_FIND_RQ: handle_c_find},
     extended_negotiation=find_extended_negotiation,
+    extended_negotiation_fields=FIND_EXTENDED_NEGOTIATION_FIELDS,
+    statuses={C_FIND_RQ: FIND_STATUSES},
+    query_keys=QUERY_KEYS,
+    initiates=(Initiation("SCU", "find", "query a peer for patients, studies, series or "
+                          "instances (C-FIND-RQ); C-CANCEL-RQ with --cancel-after",
+                          extended_negotiation="combined date-time matching, with "
+                          "--date-time-matching"),),
 )
 
 MOVE = ServiceClass(
@@ -402,6 +464,8 @@ MOVE = ServiceClass(
     sop_classes={STUDY_ROOT_MOVE: "Study Root Query/Retrieve Information Model - MOVE",
                  PATIENT_ROOT_MOVE: "Patient Root Query/Retrieve Information Model - MOVE"},
     handlers={C_MOVE_RQ: handle_c_move},
+    statuses={C_MOVE_RQ: MOVE_STATUSES},
+    initiates=(Initiation("SCU", "move", "have a peer send objects to an AE (C-MOVE-RQ)"),),
 )
 
 GET = ServiceClass(
@@ -410,4 +474,7 @@ GET = ServiceClass(
     sop_classes={STUDY_ROOT_GET: "Study Root Query/Retrieve Information Model - GET",
                  PATIENT_ROOT_GET: "Patient Root Query/Retrieve Information Model - GET"},
     handlers={C_GET_RQ: handle_c_get},
+    statuses={C_GET_RQ: GET_STATUSES},
+    initiates=(Initiation("SCU", "get", "fetch objects from a peer on the same association "
+                          "(C-GET-RQ)"),),
 )

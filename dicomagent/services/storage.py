@@ -25,8 +25,10 @@ import logging
 import pydicom.uid
 from pydicom._uid_dict import UID_dictionary
 
+from dicomagent.archive import (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH, OUT_OF_RESOURCES,
+                               SUCCESS, WARNING_COERCED_MISMATCH)
 from dicomagent.dimse.commands import C_STORE_RQ, C_STORE_RSP
-from dicomagent.services import ServiceClass
+from dicomagent.services import Initiation, ServiceClass, Status
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
 
 log = logging.getLogger("dicomagent.storage")
@@ -114,4 +116,31 @@ def service(settings) -> ServiceClass:
         else UNCOMPRESSED_TRANSFER_SYNTAXES,
         handlers={C_STORE_RQ: handle_c_store},
         sinks={C_STORE_RQ: open_c_store_sink},
+        statuses={C_STORE_RQ: STATUSES},
+        initiates=INITIATES,
     )
+
+
+#: C-STORE-RSP statuses (seed Table 67); the archive decides them (``dicomagent.archive``).
+STATUSES = (
+    Status(SUCCESS, "Stored: on stable storage and in the index"),
+    Status(WARNING_COERCED_MISMATCH, "Stored, although the data set's SOP Class/Instance UID "
+                                     "differ from the command (storage.accept_mismatch)"),
+    Status(OUT_OF_RESOURCES, "Out of resources: less free space than storage.min_free_mb, "
+                             "or the file could not be written"),
+    Status(DATA_SET_DOES_NOT_MATCH, "Data set does not match the SOP Class/Instance of the "
+                                    "command"),
+    Status(CANNOT_UNDERSTAND, "Cannot understand: the data set cannot be parsed, or lacks "
+                              "its SOP, Study or Series UIDs"),
+)
+
+INITIATES = (
+    Initiation("SCU", "store", "send DICOM files and folders (C-STORE-RQ), each in its own "
+               "transfer syntax or converted among the uncompressed ones; proposes the SOP "
+               "classes of the files, Storage SOP Classes not accepted by the daemon "
+               "included"),
+    Initiation("SCU", "", "C-STORE sub-operations of a C-MOVE the daemon serves, on an "
+               "association to the Move Destination (a [peers] entry)"),
+    Initiation("SCP", "get", "receive the objects of a C-GET on the same association "
+               "(SCP/SCU Role Selection: the agent proposes the SCP role)"),
+)

@@ -14,7 +14,7 @@ import logging
 
 from dicomagent.dimse.commands import C_ECHO_RQ, C_ECHO_RSP
 from dicomagent.dimse.status import SUCCESS
-from dicomagent.services import ServiceClass
+from dicomagent.services import Initiation, ServiceClass, Status
 from dicomagent.uids import VERIFICATION
 
 log = logging.getLogger("dicomagent.verification")
@@ -45,4 +45,6 @@ SERVICE = ServiceClass(
     scp=True,
     scu=True,
     handlers={C_ECHO_RQ: handle_c_echo},
+    statuses={C_ECHO_RQ: (Status(SUCCESS, "Operation performed properly"),)},
+    initiates=(Initiation("SCU", "echo", "verify that a DICOM node answers (C-ECHO-RQ)"),),
 )
