@@ -140,12 +140,19 @@ class PrintSettings:
     Format is configurable.
     """
 
+    #: Film Size ID (2010,0050), e.g. 14INX17IN, 8INX10IN, A4.
     film_size_id: str = "14INX17IN"
+    #: Film Orientation (2010,0040): PORTRAIT or LANDSCAPE.
     film_orientation: str = "PORTRAIT"
+    #: Magnification Type (2010,0060): REPLICATE, BILINEAR, CUBIC or NONE.
     magnification_type: str = ""
+    #: Medium Type (2000,0030): PAPER, CLEAR FILM, BLUE FILM, ...
     medium_type: str = ""
+    #: Film Destination (2000,0040): MAGAZINE or PROCESSOR.
     film_destination: str = ""
+    #: Film Session Label (2000,0050).
     film_session_label: str = ""
+    #: Number of Copies (2000,0010).
     number_of_copies: int = 1
     #: Print Priority (2000,0020): HIGH, MED or LOW.
     priority: str = "MED"
@@ -153,13 +160,17 @@ class PrintSettings:
     bits_stored: int = 8
     #: Presentation LUT Shape (IDENTITY or LIN OD); empty: no Presentation LUT.
     presentation_lut_shape: str = ""
+    #: Border Density (2010,0100): BLACK, WHITE or hundredths of OD.
     border_density: str = ""
+    #: Empty Image Density (2010,0110): BLACK, WHITE or hundredths of OD.
     empty_image_density: str = ""
-    #: Hundredths of optical density; 0: not sent.
+    #: Min Density (2010,0120), hundredths of optical density; 0: not sent.
     min_density: int = 0
+    #: Max Density (2010,0130), hundredths of optical density; 0: not sent.
     max_density: int = 0
     #: Trim (2010,0140): YES or NO; empty: not sent.
     trim: str = ""
+    #: Configuration Information (2010,0150), printer-specific text.
     configuration_information: str = ""
     #: Annotation Display Format ID (2010,0030), sent when the job has an annotation.
     annotation_display_format_id: str = "ANNOTATION"
