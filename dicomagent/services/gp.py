@@ -45,8 +45,9 @@ from dicomagent.archive.workflow import DuplicateInstance, UnknownInstance
 from dicomagent.dimse.commands import C_FIND_RQ, N_ACTION_RQ, N_CREATE_RQ, N_SET_RQ
 from dicomagent.services import Initiation, KeyGroup, ServiceClass, Status
 from dicomagent.services.mwl import FIND_STATUSES, c_find_handler
-from dicomagent.services.procedure import (FAILED, PATIENT_KEYS, SUCCESS, Refused, answer,
-                                           coerce_patient, data_set_json, text_of)
+from dicomagent.services.procedure import (FAILED, NO_SUCH_SOP_CLASS, PATIENT_KEYS, SUCCESS,
+                                           Refused, answer, coerce_patient, data_set_json,
+                                           text_of)
 
 log = logging.getLogger("dicomagent.gp")
 
@@ -263,6 +264,7 @@ ACTION_STATUSES = (
     Status(MISSING_ATTRIBUTE, "GP-SPS Status, or the claim's Transaction UID, missing"),
     Status(INVALID_ATTRIBUTE_VALUE, "A transition the state diagram does not have"),
     Status(FAILED, "Data set cannot be read, or the step cannot be updated"),
+    Status(NO_SUCH_SOP_CLASS, "The request names another SOP class"),
 )
 CREATE_STATUSES = (
     Status(SUCCESS, "Created, IN PROGRESS; the GP-SPS it performs leaves the worklist"),
@@ -274,6 +276,7 @@ CREATE_STATUSES = (
     Status(INVALID_ATTRIBUTE_VALUE, "GP-PPS Status is not IN PROGRESS, or an unknown GP-SPS "
                                     "is referenced"),
     Status(FAILED, "Data set cannot be read, or the step cannot be kept"),
+    Status(NO_SUCH_SOP_CLASS, "The request names another SOP class"),
 )
 SET_STATUSES = (
     Status(SUCCESS, "Updated"),
@@ -281,6 +284,7 @@ SET_STATUSES = (
     Status(NO_SUCH_SOP_INSTANCE, "No such General Purpose Performed Procedure Step"),
     Status(INVALID_ATTRIBUTE_VALUE, "A GP-PPS Status not allowed"),
     Status(FAILED, "Data set cannot be read, or the step cannot be updated"),
+    Status(NO_SUCH_SOP_CLASS, "The request names another SOP class"),
 )
 
 WORKLIST = ServiceClass(

@@ -38,8 +38,9 @@ from pydicom.uid import generate_uid
 from dicomagent.archive.workflow import DuplicateInstance, Outgoing, UnknownInstance
 from dicomagent.dimse.commands import N_CREATE_RQ, N_SET_RQ
 from dicomagent.services import Initiation, ServiceClass, Status
-from dicomagent.services.procedure import (FAILED, PATIENT_KEYS, SUCCESS, Refused, answer,
-                                           coerce_patient, data_set_json, text_of)
+from dicomagent.services.procedure import (FAILED, NO_SUCH_SOP_CLASS, PATIENT_KEYS, SUCCESS,
+                                           Refused, answer, coerce_patient, data_set_json,
+                                           text_of)
 
 log = logging.getLogger("dicomagent.mpps")
 
@@ -202,6 +203,7 @@ SERVICE = ServiceClass(
             Status(MISSING_ATTRIBUTE, "Performed Procedure Step Status missing"),
             Status(INVALID_ATTRIBUTE_VALUE, "Performed Procedure Step Status is not IN PROGRESS"),
             Status(FAILED, "Data set cannot be read, or the step cannot be kept"),
+            Status(NO_SUCH_SOP_CLASS, "The request names another SOP class"),
         ),
         N_SET_RQ: (
             Status(SUCCESS, "Updated"),
@@ -210,6 +212,7 @@ SERVICE = ServiceClass(
                                        "updated (COMPLETED or DISCONTINUED)"),
             Status(INVALID_ATTRIBUTE_VALUE, "A Performed Procedure Step Status not allowed"),
             Status(FAILED, "Data set cannot be read, or the step cannot be updated"),
+            Status(NO_SUCH_SOP_CLASS, "The request names another SOP class"),
         ),
     },
     initiates=(

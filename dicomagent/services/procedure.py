@@ -22,6 +22,7 @@ log = logging.getLogger("dicomagent.procedure")
 
 SUCCESS = 0x0000
 FAILED = 0xA900                  # seed Tables 71-72: "Operation failed"
+NO_SUCH_SOP_CLASS = 0x0118       # PS3.7 C.5: the request names another SOP class
 
 
 #: Patient identification a performed step takes from the step it performs (seed 3.1.3.6.3,
@@ -78,9 +79,15 @@ def data_set_json(received, context) -> dict:
 async def answer(association, context, received, sop_class_uid: str, sop_instance_uid: str,
                  what: str, work):
     """Await ``work()`` and answer the request with its outcome; the result of ``work``,
-    or None when the request was refused or failed (and has been answered so)."""
+    or None when the request was refused or failed (and has been answered so).
+
+    ``sop_class_uid`` is the class the operation belongs to: a request naming another
+    (on a meta SOP class context, or a peer's mistake) is refused with 0118 and not done.
+    """
     request = received.command
     response_class = MESSAGES[request.COMMAND_FIELD | 0x8000]
+    named = getattr(request, "AffectedSOPClassUID", None) or \
+        getattr(request, "RequestedSOPClassUID", None)
 
     def respond(status: int, comment: str | None = None) -> None:
         extra = {}
@@ -92,6 +99,8 @@ async def answer(association, context, received, sop_class_uid: str, sop_instanc
             **extra))
 
     try:
+        if named != sop_class_uid:
+            raise Refused(NO_SUCH_SOP_CLASS, f"{what} is not an operation of {named}"[:64])
         result = await work()
     except Refused as refused:
         log.warning("%s %s %s refused (%04X): %s", association.describe(), what,
