@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 import pydicom
 
@@ -194,11 +195,18 @@ async def _matching_files(association, identifier, model) -> list:
     return files
 
 
+#: Seconds between two Pending C-MOVE / C-GET responses. PS3.4 C.4.2.3.1 / C.4.3.3.1: the
+#: SCP "may optionally" send them; one per sub-operation costs a PDU per object on the
+#: requestor's association, a few a second is progress enough.
+PENDING_INTERVAL = 0.2
+
+
 class _SubOperations:
     """Counts of C-MOVE / C-GET sub-operations (PS3.7 §9.3.3.2, §9.3.4.2)."""
 
     def __init__(self, total: int):
         self.remaining = total
+        self._reported_at = 0.0
         self.completed = self.failed = self.warning = 0
         self.failed_uids: list[str] = []
 
@@ -212,6 +220,15 @@ class _SubOperations:
         else:
             self.failed += 1
             self.failed_uids.append(sop_instance_uid)
+
+    def pending_due(self) -> bool:
+        """True when a Pending response should go now (sub-operations remain, and the last
+        one went ``PENDING_INTERVAL`` ago)."""
+        now = time.monotonic()
+        if self.remaining and now - self._reported_at >= PENDING_INTERVAL:
+            self._reported_at = now
+            return True
+        return False
 
     def fields(self, final: bool) -> dict:
         return dict(NumberOfRemainingSuboperations=None if final else self.remaining,
@@ -323,7 +340,7 @@ async def handle_c_move(association, context, received) -> None:
                                 local.path, error)
                     status = -1
                 counts.record(local.sop_instance_uid, status)
-                if counts.remaining:
+                if counts.pending_due():
                     respond(PENDING, counts, final=False)
         except AssociationError as error:
             log.warning("%s C-MOVE: association with %s failed: %s", association.describe(),
@@ -363,7 +380,7 @@ async def handle_c_get(association, context, received) -> None:
             log.warning("%s C-GET: %s not sent: %s", association.describe(), local.path, error)
             status = -1
         counts.record(local.sop_instance_uid, status)
-        if counts.remaining:
+        if counts.pending_due():
             respond(PENDING, counts, final=False)
     status = _final_status(counts)
     if files and counts.failed == len(files):
