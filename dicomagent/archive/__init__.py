@@ -369,10 +369,11 @@ class Archive:
         incoming = job.incoming
         if incoming.failure:
             return StoreResult(OUT_OF_RESOURCES, incoming.failure)
+        head = bytes(incoming.head)
         try:
             record = None
             if incoming.size > incoming.data_offset:
-                record = record_from_head(bytes(incoming.head), incoming.transfer_syntax,
+                record = record_from_head(head, incoming.transfer_syntax,
                                           complete=incoming.complete_in_head)
             if record is None:
                 record = record_from_dataset(parse_incoming(incoming))
@@ -382,7 +383,7 @@ class Archive:
                         incoming.sop_instance_uid, incoming.calling_ae_title, error)
             return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the data set: {error}")
         try:
-            check_structure(bytes(incoming.head), incoming.size - incoming.data_offset,
+            check_structure(head, incoming.size - incoming.data_offset,
                             incoming.transfer_syntax, incoming.path, incoming.data_offset)
         except (StructureError, OSError) as error:
             log.warning("C-STORE %s from %s: malformed data set: %s",
