@@ -19,6 +19,7 @@ PS3.8 §7 (service primitives).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import types
@@ -148,6 +149,29 @@ class Association:
         self._busy -= 1
         if not task.cancelled() and task.exception() is not None:
             error = task.exception()
+            log.error("%s: handler failed: %s", self.describe(), error,
+                      exc_info=(type(error), error, error.__traceback__))
+
+    def when_done(self, future: concurrent.futures.Future, callback) -> None:
+        """Call ``callback(result)`` on the event loop once a worker thread's ``future`` is done.
+
+        For a handler that hands its work to a thread (C-STORE: the archive's
+        worker) and answers when it is done; the operation counts as in
+        progress until then. Cheaper than awaiting the future in a task: the
+        worker's completion schedules the callback itself, one loop iteration
+        and no coroutine per message (a serial C-STORE sender waits for every
+        response).
+        """
+        self._busy += 1
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._call_when_done, done, callback))
+
+    def _call_when_done(self, future: concurrent.futures.Future, callback) -> None:
+        self._busy -= 1
+        try:
+            callback(future.result())
+        except Exception as error:  # noqa: BLE001 - logged like a failed handler task
             log.error("%s: handler failed: %s", self.describe(), error,
                       exc_info=(type(error), error, error.__traceback__))
 

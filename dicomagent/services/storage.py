@@ -19,7 +19,6 @@ PS3.4 Annex B (B.2.3 statuses); PS3.7 §9.1.1 (C-STORE); seed 3.1.3.4, Table 67.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pydicom.uid
@@ -84,10 +83,19 @@ def open_c_store_sink(association, context, command: C_STORE_RQ):
         context.transfer_syntax, association.calling_ae_title)
 
 
-async def handle_c_store(association, context, received) -> None:
-    """PS3.4 B.2: file the received data set, then answer with its status."""
+def handle_c_store(association, context, received) -> None:
+    """PS3.4 B.2: file the received data set, then answer with its status.
+
+    The archive's worker files it; the response goes out from the callback
+    the worker's completion schedules on the event loop (``when_done``).
+    """
     request: C_STORE_RQ = received.command
-    result = await asyncio.wrap_future(association.agent.archive.submit(received.data_set))
+    association.when_done(association.agent.archive.submit(received.data_set),
+                          lambda result: _respond(association, context, request, result))
+
+
+def _respond(association, context, request: C_STORE_RQ, result) -> None:
+    """Send the C-STORE-RSP with the archive's status (seed Table 67), and log it."""
     association.send_message(context.context_id, C_STORE_RSP(
         AffectedSOPClassUID=request.AffectedSOPClassUID,
         MessageIDBeingRespondedTo=request.MessageID,
