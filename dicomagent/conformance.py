@@ -37,7 +37,7 @@ from dicomagent import __version__
 from dicomagent import config as config_module
 from dicomagent.dimse import status as dimse_status
 from dicomagent.dimse.status import UNRECOGNIZED_OPERATION, StatusCategory, category
-from dicomagent.services import ServiceClass, Status, acceptor_abstract_syntaxes, registry
+from dicomagent.services import ServiceClass, Status, registry
 from dicomagent.uids import (APPLICATION_CONTEXT_NAME, IMPLEMENTATION_CLASS_UID,
                              IMPLEMENTATION_VERSION_NAME, UNCOMPRESSED_TRANSFER_SYNTAXES)
 
