@@ -182,6 +182,8 @@ class Association:
         the association ends first.
         """
         queue = self._responses.setdefault(message_id, asyncio.Queue())
+        if self.ended.done() and queue.empty():
+            raise AssociationAborted(self.end_reason or "association ended")
         timeout = self.dimse_timeout if timeout is None else timeout
         try:
             received = await asyncio.wait_for(queue.get(), timeout)
@@ -305,8 +307,10 @@ class Association:
                     raise AssociationAborted(self.end_reason)
 
     def abort(self) -> None:
-        """A-ABORT request (service-user)."""
+        """A-ABORT request (service-user). The association is over for us at once: requests
+        waiting for a response are told so now, not at their DIMSE timeout."""
         self.ul.abort()
+        self._end("aborted by us (A-ABORT)")
 
     def describe(self) -> str:
         host, port = self.ul.peer[:2]
