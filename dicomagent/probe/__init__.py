@@ -132,6 +132,8 @@ class Probe:
         if "association" in self.groups:
             if not await self.check_association():
                 return self.results
+        elif not await self.check_reachable():
+            return self.results
         if "contexts" in self.groups or "services" in self.groups or "writes" in self.groups:
             await self.check_contexts(record="contexts" in self.groups)
         if "services" in self.groups:
@@ -181,6 +183,19 @@ class Probe:
         await self._check_wrong_called_ae(group)
         await self._check_abort(group)
         await self._check_unknown_context(group)
+        return True
+
+    async def check_reachable(self) -> bool:
+        """Without the association group: one association, so that a peer that cannot be
+        reached fails the probe instead of showing every SOP class "not supported"."""
+        try:
+            association = await self.associate([ProposedContext(VERIFICATION)])
+        except AssociationRejected:
+            return True             # it answers; Verification is just not accepted
+        except AssociationError as error:
+            self.record("association", "accepts our AE", FAIL, str(error), "PS3.8 §7.1")
+            return False
+        await association.release()
         return True
 
     async def _check_wrong_called_ae(self, group: str) -> None:

@@ -180,8 +180,8 @@ async def check_worklists(probe) -> None:
         if model == "mwl":
             for number, match in enumerate(result.matches, 1):
                 steps = match.get("ScheduledProcedureStepSequence")
-                if steps is not None and len(steps.value) != 1:
-                    problems.append(f"response {number} has {len(steps.value)} scheduled "
+                if steps is not None and len(steps) != 1:
+                    problems.append(f"response {number} has {len(steps)} scheduled "
                                     f"steps (one expected, K.6.1.2.2)")
         probe.record("services", name, FAIL if problems else PASS,
                      f"{len(result.matches)} matches, final status 0x{result.status:04X}"

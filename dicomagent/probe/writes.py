@@ -69,23 +69,23 @@ async def check_writes(probe) -> None:
     storage = all_storage_sop_classes()
     pairs = [(uid, ts) for uid, support in probe.contexts.items() if uid in storage
              for ts in support.accepted]
-    study_uid = generate_uid()
-    stored = await _store(probe, pairs, study_uid)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    stored = await _store(probe, pairs, study_uid, series_uid)
     if stored:
         await _find_back(probe, study_uid, stored)
-        await _get_back(probe, study_uid, stored)
+        await _get_back(probe, study_uid, series_uid, stored)
         await _move_back(probe, study_uid, stored)
     await _mpps(probe)
     await _commitment(probe, stored)
 
 
-async def _store(probe, pairs: list[tuple[str, str]], study_uid: str) -> list[tuple[str, str]]:
+async def _store(probe, pairs: list[tuple[str, str]], study_uid: str, series_uid: str
+                 ) -> list[tuple[str, str]]:
     """C-STORE one object per (SOP class, transfer syntax); the (class, instance) stored."""
     if not pairs:
         probe.record("writes", "C-STORE", NOT_SUPPORTED, "no storage SOP class accepted",
                      "PS3.4 B.2")
         return []
-    series_uid = generate_uid()
     stored: list[tuple[str, str]] = []
     failures: list[str] = []
     for start in range(0, len(pairs), MAX_CONTEXTS):
@@ -170,26 +170,46 @@ def _study_identifier(model: str, study_uid: str) -> pydicom.Dataset:
     return identifier
 
 
-async def _get_back(probe, study_uid: str, stored: list) -> None:
+async def _get_back(probe, study_uid: str, series_uid: str, stored: list) -> None:
+    """C-GET of what was stored. One association carries at most 127 storage contexts
+    beside the C-GET one (PS3.8 §9.3.2.2), and sub-operations go only on negotiated
+    contexts (PS3.4 C.4.3.1.3): with more classes, one C-GET per 127 classes, at IMAGE level
+    for that batch's instances."""
     model = "study" if probe.accepted(SOP_CLASSES[("get", "study")]) else "patient"
+    name = "C-GET of the stored objects"
     if not probe.accepted(SOP_CLASSES[("get", model)]):
-        probe.record("writes", "C-GET of the stored objects", NOT_SUPPORTED,
-                     "no Q/R GET model accepted", "PS3.4 C.4.3")
+        probe.record("writes", name, NOT_SUPPORTED, "no Q/R GET model accepted", "PS3.4 C.4.3")
         return
-    classes = {uid: "" for uid, _ in stored}
+    by_class: dict[str, list[str]] = {}
+    for sop_class, sop_instance in stored:
+        by_class.setdefault(sop_class, []).append(sop_instance)
+    classes = list(by_class)
+    batches = [classes[i:i + MAX_CONTEXTS - 1] for i in range(0, len(classes), MAX_CONTEXTS - 1)]
+    completed = failed = 0
+    statuses = []
     with tempfile.TemporaryDirectory(prefix="dicomagent-probe-") as out:
-        try:
-            result = await get(probe.host, probe.port, probe.calling, probe.called, out,
-                               _study_identifier(model, study_uid), model, probe.timeout,
-                               storage_classes=dict(list(classes.items())[:127]))
-        except AssociationError as error:
-            probe.record("writes", "C-GET of the stored objects", FAIL, str(error),
-                         "PS3.4 C.4.3")
-            return
-    ok = result.status == 0 and result.completed == len(stored)
-    probe.record("writes", "C-GET of the stored objects", PASS if ok else FAIL,
-                 f"status 0x{result.status:04X}, {result.completed} of {len(stored)} received"
-                 f", {result.failed} failed", "PS3.4 C.4.3")
+        for batch in batches:
+            identifier = _study_identifier(model, study_uid)
+            if len(batches) > 1:
+                identifier.QueryRetrieveLevel = "IMAGE"
+                identifier.SeriesInstanceUID = series_uid
+                identifier.SOPInstanceUID = [uid for c in batch for uid in by_class[c]]
+            try:
+                result = await get(probe.host, probe.port, probe.calling, probe.called, out,
+                                   identifier, model, probe.timeout,
+                                   storage_classes={uid: "" for uid in batch})
+            except AssociationError as error:
+                probe.record("writes", name, FAIL, str(error), "PS3.4 C.4.3")
+                return
+            completed += result.completed
+            failed += result.failed
+            statuses.append(result.status)
+    ok = all(status == 0 for status in statuses) and completed == len(stored)
+    probe.record("writes", name, PASS if ok else FAIL,
+                 f"status {', '.join(f'0x{status:04X}' for status in statuses)}, {completed} "
+                 f"of {len(stored)} received, {failed} failed"
+                 + (f" ({len(batches)} C-GETs of at most {MAX_CONTEXTS - 1} classes)"
+                    if len(batches) > 1 else ""), "PS3.4 C.4.3")
 
 
 async def _move_back(probe, study_uid: str, stored: list) -> None:
