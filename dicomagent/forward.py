@@ -25,13 +25,13 @@ MPPS N-SET to configured AE").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import pydicom
 
 from dicomagent.association import AssociationError, associate
+from dicomagent.background import QueueWorker
 from dicomagent.dimse.status import StatusCategory, category
 from dicomagent.normalized import n_create, n_set
 from dicomagent.ul.negotiation import ProposedContext
@@ -42,48 +42,28 @@ log = logging.getLogger("dicomagent.forward")
 DUPLICATE_SOP_INSTANCE = 0x0111
 
 
-class Forwarder:
+class Forwarder(QueueWorker):
     """Delivers the outbox of an ``Agent`` (started and stopped with it)."""
 
     def __init__(self, agent):
         self.agent = agent
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        super().__init__()
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-    async def _run(self) -> None:
+    async def _round(self) -> float:
         outbox = self.agent.config.outbox
-        while True:
-            self._wake.clear()
-            waiting = await self.agent.in_workflow(lambda store: store.outbox("waiting"))
-            now = time.time()
-            delay = outbox.last_retry
-            by_peer: dict[str, list] = {}
-            for message in waiting:
-                by_peer.setdefault(message.peer, []).append(message)
-            for peer, messages in by_peer.items():
-                if messages[0].next_attempt > now:
-                    delay = min(delay, messages[0].next_attempt - now)
-                    continue
-                if not await self._deliver(peer, messages):
-                    delay = min(delay, outbox.first_retry)
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+        waiting = await self.agent.in_workflow(lambda store: store.outbox("waiting"))
+        now = time.time()
+        delay = outbox.last_retry
+        by_peer: dict[str, list] = {}
+        for message in waiting:
+            by_peer.setdefault(message.peer, []).append(message)
+        for peer, messages in by_peer.items():
+            if messages[0].next_attempt > now:
+                delay = min(delay, messages[0].next_attempt - now)
+                continue
+            if not await self._deliver(peer, messages):
+                delay = min(delay, outbox.first_retry)
+        return delay
 
     async def _deliver(self, name: str, messages: list) -> bool:
         """Send a peer's waiting messages; False if it could not be reached."""

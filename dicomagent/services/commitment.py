@@ -29,6 +29,7 @@ import time
 import pydicom
 
 from dicomagent.association import AssociationError, associate
+from dicomagent.background import QueueWorker
 from dicomagent.dimse.commands import (DATA_SET_PRESENT, N_ACTION_RQ, N_ACTION_RSP,
                                        N_EVENT_REPORT_RQ)
 from dicomagent.dimse.status import StatusCategory, category
@@ -208,7 +209,7 @@ async def send_report(association, context_id: int, transaction_uid: str, commit
              association.describe(), transaction_uid, len(committed), len(failed))
 
 
-class Reporter:
+class Reporter(QueueWorker):
     """Delivers the reports that could not go on the requester's association.
 
     Reads the pending commitments from the index at start and whenever woken,
@@ -219,8 +220,7 @@ class Reporter:
 
     def __init__(self, agent):
         self.agent = agent
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        super().__init__()
         #: Transactions a handler is still answering on the requester's association.
         self._claimed: set[str] = set()
 
@@ -231,45 +231,26 @@ class Reporter:
         self._claimed.discard(transaction_uid)
         self.wake()
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-    async def _run(self) -> None:
+    async def _round(self) -> float:
         archive = self.agent.archive
-        while True:
-            self._wake.clear()
-            pending = await asyncio.wrap_future(archive.call(lambda a: a.index.commitments()))
-            now = time.time()
-            delay = LAST_RETRY
-            for record in pending:
-                if record["transaction_uid"] in self._claimed:
-                    continue
-                if record["result"] is None:
-                    # Recorded, but the daemon stopped before verifying: verify now.
-                    committed, failed = await asyncio.wrap_future(archive.call(
-                        _verify_all, record["transaction_uid"],
-                        [tuple(r) for r in record["request"]], now))
-                    record["result"] = {"committed": committed, "failed": failed}
-                if record["next_attempt"] > now:
-                    delay = min(delay, record["next_attempt"] - now)
-                    continue
-                await self._deliver(record)
-                delay = min(delay, FIRST_RETRY)
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+        pending = await asyncio.wrap_future(archive.call(lambda a: a.index.commitments()))
+        now = time.time()
+        delay = LAST_RETRY
+        for record in pending:
+            if record["transaction_uid"] in self._claimed:
+                continue
+            if record["result"] is None:
+                # Recorded, but the daemon stopped before verifying: verify now.
+                committed, failed = await asyncio.wrap_future(archive.call(
+                    _verify_all, record["transaction_uid"],
+                    [tuple(r) for r in record["request"]], now))
+                record["result"] = {"committed": committed, "failed": failed}
+            if record["next_attempt"] > now:
+                delay = min(delay, record["next_attempt"] - now)
+                continue
+            await self._deliver(record)
+            delay = min(delay, FIRST_RETRY)
+        return delay
 
     async def _deliver(self, record: dict) -> None:
         archive = self.agent.archive
