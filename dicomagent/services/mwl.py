@@ -19,9 +19,9 @@ import asyncio
 import logging
 
 from dicomagent.archive import worklist
-from dicomagent.dimse.commands import C_FIND_RQ, C_FIND_RSP, DATA_SET_PRESENT, NO_DATA_SET
+from dicomagent.dimse.commands import C_FIND_RQ
 from dicomagent.services import Initiation, KeyGroup, ServiceClass, Status
-from dicomagent.services.qr import encode_response
+from dicomagent.services.qr import c_find_responder
 from dicomagent.transcode import decode
 
 log = logging.getLogger("dicomagent.mwl")
@@ -56,14 +56,7 @@ async def find(model: worklist.Model, association, context, received) -> None:
     """PS3.4 K.4.1.3: a pending response per matching worklist item, then success."""
     request: C_FIND_RQ = received.command
     message_id = request.MessageID
-
-    def respond(status: int, data: dict | None = None, comment: str | None = None):
-        association.send_message(context.context_id, C_FIND_RSP(
-            AffectedSOPClassUID=request.AffectedSOPClassUID,
-            MessageIDBeingRespondedTo=message_id,
-            CommandDataSetType=DATA_SET_PRESENT if data is not None else NO_DATA_SET,
-            Status=status, ErrorComment=comment),
-            encode_response(data, context.transfer_syntax) if data is not None else None)
+    respond = c_find_responder(association, context, request)
 
     try:
         query = worklist.plan(decode(received.data_set or b"", context.transfer_syntax), model)

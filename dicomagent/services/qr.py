@@ -124,18 +124,26 @@ def _read_identifier(received, context):
     return decode(received.data_set or b"", context.transfer_syntax)
 
 
-async def handle_c_find(association, context, received) -> None:
-    """PS3.4 C.4.1.3: match the identifier and return each match as a pending response."""
-    request: C_FIND_RQ = received.command
-    message_id = request.MessageID
+def c_find_responder(association, context, request: C_FIND_RQ):
+    """``respond(status, identifier=None, comment=None)``: one C-FIND-RSP to ``request``,
+    with the response identifier (DICOM JSON) when there is one (PS3.7 §9.3.2.2)."""
 
     def respond(status: int, data: dict | None = None, comment: str | None = None):
         association.send_message(context.context_id, C_FIND_RSP(
             AffectedSOPClassUID=request.AffectedSOPClassUID,
-            MessageIDBeingRespondedTo=message_id,
+            MessageIDBeingRespondedTo=request.MessageID,
             CommandDataSetType=DATA_SET_PRESENT if data is not None else NO_DATA_SET,
             Status=status, ErrorComment=comment),
             encode_response(data, context.transfer_syntax) if data is not None else None)
+
+    return respond
+
+
+async def handle_c_find(association, context, received) -> None:
+    """PS3.4 C.4.1.3: match the identifier and return each match as a pending response."""
+    request: C_FIND_RQ = received.command
+    message_id = request.MessageID
+    respond = c_find_responder(association, context, request)
 
     extended = association.extended.get(context.abstract_syntax, b"")
     try:
