@@ -345,7 +345,7 @@ class Archive:
                 self.index.commit()
                 directories = set()
                 for job in accepted:
-                    directories.add(self._place(job))
+                    directories.update(self._place(job))
                 if self.settings.fsync:
                     for directory in directories:
                         _fsync_directory(directory)
@@ -443,18 +443,27 @@ class Archive:
         for name in IncomingFile.__slots__:
             setattr(incoming, name, getattr(new, name))
 
-    def _place(self, job: _Job) -> str:
-        """Rename the flushed temporary file to its final path; return its directory."""
+    def _place(self, job: _Job) -> list[str]:
+        """Rename the flushed temporary file to its final path; return the directories
+        whose entries changed (to flush): its own, and the parent of each it had to make."""
         directory = os.path.dirname(job.final_path)
-        os.makedirs(directory, exist_ok=True)
-        os.replace(job.incoming.path, job.final_path)
+        changed = [directory]
+        try:
+            os.replace(job.incoming.path, job.final_path)
+        except FileNotFoundError:           # the series' first object: make its directories
+            missing = directory
+            while not os.path.isdir(missing):
+                changed.append(os.path.dirname(missing))
+                missing = os.path.dirname(missing)
+            os.makedirs(directory, exist_ok=True)
+            os.replace(job.incoming.path, job.final_path)
         job.incoming.path = ""
         if job.old_path:
             try:
                 os.unlink(os.path.join(self.data_dir, job.old_path))
             except FileNotFoundError:
                 pass
-        return directory
+        return changed
 
     # --- storage commitment and retention (on the worker thread, through ``call``) -----------
 
