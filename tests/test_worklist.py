@@ -547,3 +547,31 @@ def test_add_invalid_file_adds_nothing(tmp_path, kind):
     assert "added 2 item(s)" in done.stdout
     assert len(json.loads(worklist_cli("ls", "--json", "--data-dir",
                                        str(data_dir)).stdout)) == 2
+
+
+def test_cancel_after_the_first_match(agent_factory, tmp_path):
+    """C-CANCEL (seed Table 40, FE00): 120 items, cancelled after the first response; the
+    final status is Cancel and fewer than all items came back."""
+    agent = agent_factory()
+    items = [{"00100010": {"vr": "PN", "Value": [{"Alphabetic": f"CANCEL^{n:03d}"}]},
+              "00100020": {"vr": "LO", "Value": [f"C{n:03d}"]},
+              "00400100": {"vr": "SQ", "Value": [{
+                  "00080060": {"vr": "CS", "Value": ["CT"]},
+                  "00400009": {"vr": "SH", "Value": [f"SPSC{n:03d}"]}}]}}
+             for n in range(120)]
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps(items))
+    added = worklist_cli("add", "--data-dir", str(agent.data_dir), str(path))
+    assert added.returncode == 0, added.stdout + added.stderr
+    result = run(dicomagent_cmd("find", agent.host, str(agent.port), "--model", "mwl",
+                                "-k", "PatientName=CANCEL^*", "-k", "PatientID",
+                                "--cancel-after", "1"), 30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = re.search(r"(\d+) matches, status 0x([0-9A-F]{4})", result.stderr)
+    assert found, result.stderr
+    assert found.group(2) == "FE00", result.stderr
+    assert 1 <= int(found.group(1)) < 120, result.stderr
+    # Without the cancel, all 120.
+    result = run(dicomagent_cmd("find", agent.host, str(agent.port), "--model", "mwl",
+                                "-k", "PatientName=CANCEL^*"), 30)
+    assert "120 matches, status 0x0000" in result.stderr, result.stderr
