@@ -97,7 +97,7 @@ if [[ "${BENCH:-1}" == 0 ]]; then
     echo "bench: skipped (BENCH=0)"
 else
     for bench in "associations.py --n 300 --rounds 2 --warmup 50" "store.py --quick" \
-                 "query.py --instances 20000 --queries 30 --rounds 1"; do
+                 "query.py --instances 20000 --queries 30 --rounds 3"; do
         name=${bench%% *}
         log=$(mktemp)
         status=0
