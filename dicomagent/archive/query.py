@@ -338,15 +338,21 @@ def _combined(identifier: pydicom.Dataset, date_tag: int) -> bool:
 def date_time_condition(alias: str, date_column: str, time_column: str, date: str, time: str,
                          params: list) -> str:
     """Date and Time as one date-time range: ``date-date`` with ``time-time`` spans
-    from the first date at the first time to the last date at the last time."""
+    from the first date at the first time to the last date at the last time.
+
+    Both keys have values, so an entity matches only when it has both a date and a time
+    (C.2.2.2.1: a key with a value does not match an empty or absent attribute): without
+    its time, a date alone would compare as midnight."""
     date_low, _, date_high = date.partition("-") if "-" in date else (date, "", date)
     time_low, _, time_high = time.partition("-") if "-" in time else (time, "", time)
-    column = f"({alias}.{date_column} || COALESCE({alias}.{time_column}, ''))"
+    date_column, time_column = f"{alias}.{date_column}", f"{alias}.{time_column}"
+    column = f"({date_column} || {time_column})"
     low = date_low + time_low if date_low else ""
     high = date_high + time_high if date_high else ""
     if date_high and not time_high:
         high = date_high
-    return _range_condition(column, f"{low}-{high}", params)
+    both = f"COALESCE({date_column}, '') <> '' AND COALESCE({time_column}, '') <> ''"
+    return f"({both} AND {_range_condition(column, f'{low}-{high}', params)})"
 
 
 def _matches_text(vr: str, query: str, stored: str) -> bool:
