@@ -152,11 +152,21 @@ def _files(paths: list[str]) -> list[str]:
     return found
 
 
-def _open_store(args):
+def _with_store(args, function) -> int:
+    """``function(store, args)`` on the workflow store of the configured data dir, closed
+    after; exit code 2 for a configuration error."""
     from dicomagent.archive.workflow import WorkflowStore
-    config = load_with_overrides(args)
+    try:
+        config = load_with_overrides(args)
+    except ConfigError as error:
+        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     os.makedirs(config.agent.data_dir, exist_ok=True)
-    return WorkflowStore(os.path.join(config.agent.data_dir, "index.sqlite"))
+    store = WorkflowStore(os.path.join(config.agent.data_dir, "index.sqlite"))
+    try:
+        return function(store, args)
+    finally:
+        store.close()
 
 
 def _print_rows(columns: list[str], rows: list[list]) -> None:
@@ -174,16 +184,8 @@ def _first(attrs: dict, key: str) -> str:
 # --- worklist --------------------------------------------------------------------------
 
 def cmd_worklist(args) -> int:
-    try:
-        store = _open_store(args)
-    except ConfigError as error:
-        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        return {"add": _worklist_add, "ls": _worklist_ls, "rm": _worklist_rm}[args.action](
-            store, args)
-    finally:
-        store.close()
+    return _with_store(args, {"add": _worklist_add, "ls": _worklist_ls,
+                              "rm": _worklist_rm}[args.action])
 
 
 def _worklist_add(store, args) -> int:
@@ -240,7 +242,7 @@ def _worklist_rm(store, args) -> int:
 
 def cmd_mpps(args) -> int:
     if args.action == "ls":
-        return _mpps_ls(args)
+        return _with_store(args, _mpps_ls)
     try:
         ds = read_datasets(args.file)[0]
     except Exception as error:  # noqa: BLE001 - report any unreadable file
@@ -291,17 +293,9 @@ async def _send_normalized(args, sop_class_uid: str, ds: pydicom.Dataset, operat
         await association.release()
 
 
-def _mpps_ls(args) -> int:
+def _mpps_ls(store, args) -> int:
     from dicomagent.services.mpps import MODALITY_PERFORMED_PROCEDURE_STEP as MPPS
-    try:
-        store = _open_store(args)
-    except ConfigError as error:
-        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        instances = store.mpps_instances()
-    finally:
-        store.close()
+    instances = store.mpps_instances()
     if args.json:
         objects = []
         for instance in instances:
@@ -325,15 +319,11 @@ def _mpps_ls(args) -> int:
 # --- outbox ----------------------------------------------------------------------------
 
 def cmd_outbox(args) -> int:
-    try:
-        store = _open_store(args)
-    except ConfigError as error:
-        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        messages = store.outbox()
-    finally:
-        store.close()
+    return _with_store(args, _outbox_ls)
+
+
+def _outbox_ls(store, args) -> int:
+    messages = store.outbox()
     if args.json:
         print(json.dumps([{"seq": m.seq, "peer": m.peer, "message": m.message,
                            "sop_class_uid": m.sop_class_uid,
@@ -358,15 +348,8 @@ def cmd_outbox(args) -> int:
 def cmd_gpsps(args) -> int:
     if args.action == "action":
         return _gpsps_action(args)
-    try:
-        store = _open_store(args)
-    except ConfigError as error:
-        print(f"dicomagent: configuration error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        return {"add": _gpsps_add, "ls": _gpsps_ls, "rm": _gpsps_rm}[args.action](store, args)
-    finally:
-        store.close()
+    return _with_store(args, {"add": _gpsps_add, "ls": _gpsps_ls,
+                              "rm": _gpsps_rm}[args.action])
 
 
 def _gpsps_add(store, args) -> int:
@@ -443,30 +426,27 @@ def _gpsps_action(args) -> int:
                        REQUEST_STATUS_MODIFICATION)
 
 
+def _gppps_ls(store, args) -> int:
+    from dicomagent.services.gp import GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP as GPPPS
+    instances = store.gppps_instances()
+    if args.json:
+        print(json.dumps([{"00080016": {"vr": "UI", "Value": [GPPPS]},
+                           "00080018": {"vr": "UI", "Value": [i["sop_instance_uid"]]},
+                           **i["attrs"]} for i in instances], indent=1, ensure_ascii=False))
+        return EXIT_OK
+    if not instances:
+        print("no General Purpose Performed Procedure Steps")
+        return EXIT_OK
+    _print_rows(["SOPInstanceUID", "Status", "PatientName", "PatientID"],
+                [[i["sop_instance_uid"], i["status"], _first(i["attrs"], "00100010"),
+                  _first(i["attrs"], "00100020")] for i in instances])
+    return EXIT_OK
+
+
 def cmd_gppps(args) -> int:
     from dicomagent.services.gp import GENERAL_PURPOSE_PERFORMED_PROCEDURE_STEP as GPPPS
     if args.action == "ls":
-        try:
-            store = _open_store(args)
-        except ConfigError as error:
-            print(f"dicomagent: configuration error: {error}", file=sys.stderr)
-            return EXIT_USAGE
-        try:
-            instances = store.gppps_instances()
-        finally:
-            store.close()
-        if args.json:
-            print(json.dumps([{"00080016": {"vr": "UI", "Value": [GPPPS]},
-                               "00080018": {"vr": "UI", "Value": [i["sop_instance_uid"]]},
-                               **i["attrs"]} for i in instances], indent=1, ensure_ascii=False))
-            return EXIT_OK
-        if not instances:
-            print("no General Purpose Performed Procedure Steps")
-            return EXIT_OK
-        _print_rows(["SOPInstanceUID", "Status", "PatientName", "PatientID"],
-                    [[i["sop_instance_uid"], i["status"], _first(i["attrs"], "00100010"),
-                      _first(i["attrs"], "00100020")] for i in instances])
-        return EXIT_OK
+        return _with_store(args, _gppps_ls)
     try:
         ds = read_datasets(args.file)[0]
     except Exception as error:  # noqa: BLE001 - report any unreadable file

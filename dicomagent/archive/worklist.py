@@ -174,14 +174,7 @@ def plan(identifier: pydicom.Dataset, model: Model = MODALITY) -> WorklistQuery:
                 if rest is not None:
                     remaining.add_new(tag, "SQ", [rest])
             continue
-        column = top.get(tag)
-        if column is not None and element.VR != "SQ":
-            condition = value_condition(f"{model.table}.{column.keyword}", column.vr,
-                                        text_value(element), params)
-            if condition:
-                conditions.append(condition)
-        elif _has_value(element):
-            remaining.add(element)
+        _plan_key(model.table, top, element, conditions, params, remaining)
     return WorklistQuery(" AND ".join(conditions) or "1", params, identifier,
                          remaining if len(remaining) else None)
 
@@ -199,18 +192,24 @@ def _plan_step(model: Model, item: pydicom.Dataset, conditions: list[str], param
             text_value(date), text_value(time), params))
     step = model.step
     for element in item:
-        tag = int(element.tag)
-        column = step.get(tag)
-        if combined and tag in (SPS_START_DATE, SPS_START_TIME):
+        if combined and int(element.tag) in (SPS_START_DATE, SPS_START_TIME):
             continue
-        if column is not None and element.VR != "SQ":
-            condition = value_condition(f"{model.table}.{column.keyword}", column.vr,
-                                        text_value(element), params)
-            if condition:
-                conditions.append(condition)
-        elif _has_value(element):
-            rest.add(element)
+        _plan_key(model.table, step, element, conditions, params, rest)
     return rest if len(rest) else None
+
+
+def _plan_key(table: str, columns: dict[int, Column], element, conditions: list[str],
+              params: list, rest: pydicom.Dataset) -> None:
+    """A column key becomes an SQL condition; any other key with a value stays in ``rest``,
+    to be matched in Python."""
+    column = columns.get(int(element.tag))
+    if column is not None and element.VR != "SQ":
+        condition = value_condition(f"{table}.{column.keyword}", column.vr,
+                                    text_value(element), params)
+        if condition:
+            conditions.append(condition)
+    elif _has_value(element):
+        rest.add(element)
 
 
 def _combined(date, time) -> bool:
