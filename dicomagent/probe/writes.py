@@ -129,20 +129,12 @@ async def _find_back(probe, study_uid: str, stored: list) -> None:
         probe.record("writes", "C-FIND of the stored objects", NOT_SUPPORTED,
                      "no Q/R FIND model accepted", "PS3.4 C.4.1")
         return
-    identifier = pydicom.Dataset()
-    identifier.QueryRetrieveLevel = "IMAGE"
-    if model == "patient":
-        identifier.PatientID = "DICOMAGENT-PROBE"
-    identifier.StudyInstanceUID = study_uid
+    # IMAGE level needs the series: ask the SERIES level first.
+    series = _study_identifier(model, study_uid, "SERIES")
+    series.SeriesInstanceUID = ""
+    identifier = _study_identifier(model, study_uid, "IMAGE")
     identifier.SeriesInstanceUID = ""
     identifier.SOPInstanceUID = ""
-    # IMAGE level needs the series: ask the SERIES level first.
-    series = pydicom.Dataset()
-    series.QueryRetrieveLevel = "SERIES"
-    if model == "patient":
-        series.PatientID = "DICOMAGENT-PROBE"
-    series.StudyInstanceUID = study_uid
-    series.SeriesInstanceUID = ""
     try:
         found_series = await find(probe.host, probe.port, probe.calling, probe.called, series,
                                   model, probe.timeout)
@@ -161,9 +153,10 @@ async def _find_back(probe, study_uid: str, stored: list) -> None:
                  "PS3.4 C.4.1")
 
 
-def _study_identifier(model: str, study_uid: str) -> pydicom.Dataset:
+def _study_identifier(model: str, study_uid: str, level: str = "STUDY") -> pydicom.Dataset:
+    """An identifier inside the probe's study (with its patient in the Patient Root model)."""
     identifier = pydicom.Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.QueryRetrieveLevel = level
     if model == "patient":
         identifier.PatientID = "DICOMAGENT-PROBE"
     identifier.StudyInstanceUID = study_uid
@@ -189,9 +182,9 @@ async def _get_back(probe, study_uid: str, series_uid: str, stored: list) -> Non
     statuses = []
     with tempfile.TemporaryDirectory(prefix="dicomagent-probe-") as out:
         for batch in batches:
-            identifier = _study_identifier(model, study_uid)
+            identifier = _study_identifier(model, study_uid,
+                                           "STUDY" if len(batches) == 1 else "IMAGE")
             if len(batches) > 1:
-                identifier.QueryRetrieveLevel = "IMAGE"
                 identifier.SeriesInstanceUID = series_uid
                 identifier.SOPInstanceUID = [uid for c in batch for uid in by_class[c]]
             try:
