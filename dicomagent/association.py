@@ -19,6 +19,7 @@ PS3.8 §7 (service primitives).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
@@ -102,6 +103,9 @@ class Association:
         self.cancelled: set[int] = set()
         self.dimse_timeout: float | None = None
         self._busy = 0
+        #: What the services did on this association, for its closing log line
+        #: (e.g. "C-STORE stored": 2000).
+        self.counts: collections.Counter = collections.Counter()
 
     # --- messages from the peer ---------------------------------------------------------
 
@@ -246,6 +250,9 @@ class Association:
         if not self.ended.done():
             self.end_reason = reason
             self.ended.set_result(reason)
+            if self.counts:
+                log.info("%s: %s; %s", self.describe(), reason,
+                         ", ".join(f"{what} {count}" for what, count in self.counts.items()))
         for queue in self._responses.values():
             queue.put_nowait(None)
 

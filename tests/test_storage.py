@@ -409,8 +409,23 @@ def assert_converted(sent_path: Path, stored_path: Path, stored_ts: str) -> None
 
 # --- the archive on disk ----------------------------------------------------------------------
 
-def index_rows(data_dir: Path) -> dict[str, dict]:
-    """Every instance of the index with its patient, study and series attributes."""
+def index_rows(data_dir: Path, settle: float = 10.0) -> dict[str, dict]:
+    """Every instance of the index with its patient, study and series attributes.
+
+    The daemon indexes an object just after acknowledging it (the archive's
+    two stages): wait, up to ``settle`` seconds, until every file under
+    archive/ has its row.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        rows = _read_index_rows(data_dir)
+        if (not archive_files(data_dir) - {row["path"] for row in rows.values()}
+                or time.monotonic() > deadline):
+            return rows
+        time.sleep(0.02)
+
+
+def _read_index_rows(data_dir: Path) -> dict[str, dict]:
     db = sqlite3.connect(f"file:{data_dir / 'index.sqlite'}?mode=ro", uri=True)
     try:
         cursor = db.execute(
@@ -981,42 +996,53 @@ def test_kill_9_while_receiving_then_restart(agent_factory, tmp_path, big_file):
     assert_archive_consistent(node.data_dir)
 
 
-def test_restart_finishes_a_rename_left_by_a_crash(agent_factory, tmp_path):
-    """A crash between index commit and rename (steps 2 and 3 of the archive's protocol)
-    leaves the object in tmp/ and its row in the index: the next start puts it in place."""
+def test_restart_indexes_what_a_crash_left_unindexed(agent_factory, tmp_path):
+    """A crash between filing and indexing (the archive's two stages) leaves acknowledged
+    files with no index row, and ``index.pending`` behind: the next start indexes them.
+    A clean stop removes ``index.pending``, so a start after it reads nothing."""
     node = agent_factory()
-    path = make_file(tmp_path, "ct", "explicit", patient_id="CRASH-RENAME")
-    assert storescu(node, [path], "-xe").returncode == 0
+    assert (node.data_dir / "index.pending").exists(), "a running daemon keeps the marker"
+    files = [make_file(tmp_path, kind, "explicit", patient_id=f"CRASH-INDEX-{kind}")
+             for kind in ("ct", "mr", "sr")]
+    assert storescu(node, files, "-xe").returncode == 0
+    before = assert_archive_consistent(node.data_dir)
     assert node.terminate() == 0
-    final = archive_path(node.data_dir, pydicom.dcmread(path))
-    final.rename(node.data_dir / "tmp" / "0123456789abcdef.part")
+    assert not (node.data_dir / "index.pending").exists(), "a clean stop removes the marker"
+    # The state a crash right after the C-STORE-RSPs leaves: files filed, rows not written.
+    db = sqlite3.connect(node.data_dir / "index.sqlite")
+    db.execute("DELETE FROM instances")
+    db.commit()
+    db.close()
+    (node.data_dir / "index.pending").touch()
+    restarted = agent_factory(data_dir=node.data_dir)
+    rows = assert_archive_consistent(node.data_dir)
+    assert set(rows) == set(before)
+    for uid, row in before.items():
+        assert rows[uid] == row, uid
+    assert "indexed 3 object(s) filed before the last stop" in restarted.log()
+    assert restarted.terminate() == 0
+
+
+def test_kill_9_right_after_a_burst_loses_nothing_acknowledged(agent_factory, tmp_path):
+    """``kill -9`` the moment the sender has its last C-STORE-RSP: whatever the index had
+    not caught up with yet is indexed at the next start; files and index agree."""
+    node = agent_factory()
+    folder = tmp_path / "burst"
+    folder.mkdir()
+    ds = make_dataset("sc", EXPLICIT_VR_LITTLE_ENDIAN, patient_id="BURST")
+    for number in range(300):
+        ds.SOPInstanceUID = new_uid()
+        ds.InstanceNumber = number + 1
+        write_part10(ds, folder / f"{number:03d}.dcm", EXPLICIT_VR_LITTLE_ENDIAN)
+    result = run(["storescu", "-R", "-xe", "+sd", "-aet", "BURST", "-aec", node.ae_title,
+                  node.host, str(node.port), str(folder)], 120)
+    os.kill(node.pid, signal.SIGKILL)
+    node.process.wait(10)
+    assert result.returncode == 0, output(result)
     agent_factory(data_dir=node.data_dir)
+    rows = assert_archive_consistent(node.data_dir)
+    assert len(rows) == 300
     assert tmp_files(node.data_dir) == []
-    assert final.is_file()
-    assert_archive_consistent(node.data_dir)
-    assert_same_data_set(path, final)
-
-
-def test_restart_finishes_a_replacing_rename_left_by_a_crash(agent_factory, tmp_path):
-    """on_duplicate = "replace", crash between index commit and rename: the index already
-    describes the new copy, the old copy is still at the final path, the new one in tmp/.
-    The next start must finish the rename (not drop the new copy), or the index describes
-    a file that is not the one on disk."""
-    config = '[storage]\non_duplicate = "replace"\n'
-    node = agent_factory(config)
-    first, second = _two_versions(tmp_path, "CRASH-REPLACE")
-    final = archive_path(node.data_dir, pydicom.dcmread(first))
-    assert storescu(node, [first], "-xe").returncode == 0
-    old_bytes = final.read_bytes()
-    assert storescu(node, [second], "-xe").returncode == 0
-    assert node.terminate() == 0
-    # The state the worker leaves between step 2 (commit) and step 3 (rename).
-    shutil.copyfile(final, node.data_dir / "tmp" / "fedcba9876543210.part")
-    final.write_bytes(old_bytes)
-    agent_factory(config, data_dir=node.data_dir)
-    assert tmp_files(node.data_dir) == []
-    assert_archive_consistent(node.data_dir)
-    assert_same_data_set(second, final)
 
 
 def test_failed_rename_leaves_no_index_row(agent_factory):

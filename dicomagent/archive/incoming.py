@@ -48,6 +48,8 @@ class IncomingFile:
 
     ``failure`` is set (to "out-of-resources" or another short reason) when
     the data set cannot be kept; the remaining fragments are then dropped.
+    ``crc32`` covers the Part 10 header and ``head``: the archive's worker
+    continues it over the rest of the file, off the event loop.
     """
 
     __slots__ = ("path", "fd", "head", "size", "crc32", "data_offset", "failure",
@@ -80,7 +82,8 @@ class IncomingFile:
             self._fail(error)
 
     @classmethod
-    def refused(cls, reason: str) -> "IncomingFile":
+    def refused(cls, reason: str, sop_instance_uid: str = "",
+                calling_ae_title: str = "") -> "IncomingFile":
         """A sink that drops the data set (e.g. not enough free space: A700)."""
         incoming = cls.__new__(cls)
         incoming.path = ""
@@ -88,8 +91,9 @@ class IncomingFile:
         incoming.head = bytearray()
         incoming.size = incoming.crc32 = incoming.data_offset = 0
         incoming.failure = reason
-        incoming.sop_class_uid = incoming.sop_instance_uid = incoming.transfer_syntax = ""
-        incoming.calling_ae_title = ""
+        incoming.sop_class_uid = incoming.transfer_syntax = ""
+        incoming.sop_instance_uid = sop_instance_uid
+        incoming.calling_ae_title = calling_ae_title
         incoming.received_at = 0.0
         return incoming
 
@@ -107,9 +111,10 @@ class IncomingFile:
             self._fail(error)
             return
         self.size += len(fragment)
-        self.crc32 = zlib.crc32(fragment, self.crc32)
         if len(self.head) < HEAD_LIMIT:
-            self.head += fragment[:HEAD_LIMIT - len(self.head)]
+            kept = fragment[:HEAD_LIMIT - len(self.head)]
+            self.head += kept
+            self.crc32 = zlib.crc32(kept, self.crc32)
 
     def finish(self) -> "IncomingFile":
         return self

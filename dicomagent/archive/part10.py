@@ -69,12 +69,14 @@ def read_file_meta(handle) -> tuple[dict[str, str], int]:
 
     Only what sending and filing need: Media Storage SOP Class / Instance UID
     and Transfer Syntax UID (keys ``sop_class_uid``, ``sop_instance_uid``,
-    ``transfer_syntax``). The data set starts at the returned offset.
+    ``transfer_syntax``), and Source Application Entity Title
+    (``source_ae_title``, when present). The data set starts at the returned offset.
     """
     head = handle.read(132)
     if len(head) < 132 or head[128:132] != PREFIX:
         raise NotPart10Error("no DICM prefix at offset 128")
-    names = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax"}
+    names = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax",
+             0x0016: "source_ae_title"}
     meta: dict[str, str] = {}
     offset = 132
     end = None

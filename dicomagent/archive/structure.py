@@ -61,29 +61,37 @@ class _Source:
 
 
 def check_structure(head: bytes, size: int, transfer_syntax: str, path: str | None = None,
-                    file_offset: int = 0) -> None:
+                    file_offset: int = 0, wanted: frozenset[int] = frozenset()
+                    ) -> dict[int, bytes]:
     """Raise ``StructureError`` unless the data set of ``size`` bytes is well formed.
 
     ``head`` holds its first bytes (all of them when ``path`` is None).
+    Returns the raw values of the ``wanted`` top-level elements met on the
+    way (the archive asks for the four UIDs that name an object's path).
     Deflated and other transfer syntaxes whose data set is not plain
-    elements are not checked.
+    elements are not checked (and nothing is returned).
     """
+    found: dict[int, bytes] = {}
     if transfer_syntax == "1.2.840.10008.1.2.1.99":
-        return
+        return found
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     source = _Source(head, path, file_offset)
     try:
-        end = _walk(source, 0, size, implicit, little, 0, stop_at_delimiter=False)
+        end = _walk(source, 0, size, implicit, little, 0, stop_at_delimiter=False,
+                    wanted=wanted, found=found)
         if end != size:
             raise StructureError(f"{size - end} bytes after the last element")
     finally:
         source.close()
+    return found
 
 
 def _walk(source: _Source, position: int, end: int, implicit: bool, little: bool,
-          depth: int, stop_at_delimiter: bool) -> int:
-    """Walk elements from ``position`` to ``end`` (or to an item delimiter)."""
+          depth: int, stop_at_delimiter: bool, wanted: frozenset[int] = frozenset(),
+          found: dict | None = None) -> int:
+    """Walk elements from ``position`` to ``end`` (or to an item delimiter); keep the
+    values of ``wanted`` tags in ``found`` (the top level passes them)."""
     if depth > MAX_DEPTH:
         raise StructureError("sequences nested deeper than 64")
     order = "<" if little else ">"
@@ -124,6 +132,8 @@ def _walk(source: _Source, position: int, end: int, implicit: bool, little: bool
         if length > end - position:
             raise StructureError(f"element ({group:04X},{element:04X}) length {length} exceeds "
                                  f"the {end - position} bytes left")
+        if tag in wanted:
+            found[tag] = source.read(position, length)
         if vr == b"SQ":
             _walk_items(source, position, position + length, implicit, little, depth + 1)
         elif implicit and _is_sequence_value(source, position, length, little):

@@ -109,9 +109,13 @@ def encode_response(response: dict, transfer_syntax: str) -> bytes:
 
 
 async def _rows(association, sql: str, params: list):
-    """The query's rows in batches, read on the archive's reader thread."""
+    """The query's rows in batches, read on the archive's reader thread, once the index
+    holds every object acknowledged before the query (indexing follows filing)."""
     archive = association.agent.archive
     loop = asyncio.get_running_loop()
+    pending = archive.caught_up()
+    if pending is not None:
+        await asyncio.wrap_future(pending)
     cursor = await loop.run_in_executor(archive.reader, archive.execute, sql, params)
     while True:
         rows = await loop.run_in_executor(archive.reader, cursor.fetchmany, BATCH)

@@ -6,7 +6,7 @@ knows) in the three uncompressed transfer syntaxes of Table 12 (and, with
 ``storage.accept_compressed``, the compressed ones, stored as received).
 
 A C-STORE data set is streamed to a temporary file while it arrives (the
-sink below); the archive's worker then checks, flushes and files it, and
+sink below); the archive then checks, flushes and files it, and
 only then is the C-STORE-RSP sent, with a status of the seed's Table 67:
 0000 success, B007 stored although the data set does not match the command
 (``storage.accept_mismatch``), A700 out of resources, A900 data set does not
@@ -25,7 +25,7 @@ import pydicom.uid
 from pydicom._uid_dict import UID_dictionary
 
 from dicomagent.archive import (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH, OUT_OF_RESOURCES,
-                               SUCCESS, WARNING_COERCED_MISMATCH)
+                               SUCCESS, WARNING_COERCED_MISMATCH, StoreResult)
 from dicomagent.dimse.commands import C_STORE_RQ, C_STORE_RSP
 from dicomagent.services import Initiation, ServiceClass, Status
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
@@ -86,16 +86,26 @@ def open_c_store_sink(association, context, command: C_STORE_RQ):
 def handle_c_store(association, context, received) -> None:
     """PS3.4 B.2: file the received data set, then answer with its status.
 
-    The archive's worker files it; the response goes out from the callback
-    the worker's completion schedules on the event loop (``when_done``).
+    Filing is done at once when it is only a header walk and a rename;
+    otherwise (flushes with ``storage.fsync``) the archive's filer thread
+    does it and the response goes out from its completion (``when_done``).
     """
     request: C_STORE_RQ = received.command
-    association.when_done(association.agent.archive.submit(received.data_set),
-                          lambda result: _respond(association, context, request, result))
+    outcome = association.agent.archive.receive(received.data_set)
+    if type(outcome) is StoreResult:
+        _respond(association, context, request, outcome)
+    else:
+        association.when_done(outcome,
+                              lambda result: _respond(association, context, request, result))
 
 
-def _respond(association, context, request: C_STORE_RQ, result) -> None:
-    """Send the C-STORE-RSP with the archive's status (seed Table 67), and log it."""
+def _respond(association, context, request: C_STORE_RQ, result: StoreResult) -> None:
+    """Send the C-STORE-RSP with the archive's status (seed Table 67), and count it.
+
+    A refusal is logged by the archive, one line with its reason; what was
+    stored is summed up in the association's closing log line (each object
+    at DEBUG level: a line per object would cost a good part of its time).
+    """
     association.send_message(context.context_id, C_STORE_RSP(
         AffectedSOPClassUID=request.AffectedSOPClassUID,
         MessageIDBeingRespondedTo=request.MessageID,
@@ -103,12 +113,17 @@ def _respond(association, context, request: C_STORE_RQ, result) -> None:
         AffectedSOPInstanceUID=request.AffectedSOPInstanceUID,
         ErrorComment=result.comment[:64] if result.status not in (0, ) and result.comment
         else None))
-    if result.status == 0:
-        log.info("%s C-STORE %s: stored %s", association.describe(),
-                 request.AffectedSOPInstanceUID, result.path)
+    counts = association.counts
+    if result.status == SUCCESS or result.status == WARNING_COERCED_MISMATCH:
+        counts["C-STORE stored"] += 1
+        if result.status != SUCCESS:
+            counts["C-STORE stored with warning"] += 1
+        log.debug("%s C-STORE %s: stored %s", association.describe(),
+                  request.AffectedSOPInstanceUID, result.path)
     else:
-        log.warning("%s C-STORE %s: status 0x%04X %s", association.describe(),
-                    request.AffectedSOPInstanceUID, result.status, result.comment)
+        counts["C-STORE failed"] += 1
+        log.debug("%s C-STORE %s: status 0x%04X %s", association.describe(),
+                  request.AffectedSOPInstanceUID, result.status, result.comment)
 
 
 def service(settings) -> ServiceClass:
