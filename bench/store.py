@@ -32,8 +32,11 @@ drift from round to round. ``--delete-each`` removes them after each run instead
 by itself when the disk is short).
 
 Timing is the wall clock of the ``storescu`` process (start, scan of the folder, the
-association, release); server CPU is utime+stime of the server process (all its threads)
-from /proc/PID/stat, read just before and just after the timed ``storescu``.
+association, release); for dicomagent, which acknowledges an object once its file is in
+place and indexes it just after, the clock runs until its index lists every object (so
+its figures include indexing, as Orthanc's do). Server CPU is utime+stime of the server
+process and its children (dicomagent's indexer process), all their threads, from
+/proc/PID/stat, read just before the timed ``storescu`` and just after the run.
 
 Needs pydicom and numpy (for the corpus), DCMTK (``storescu``, ``storescp``) and Orthanc.
 Traffic goes to 127.0.0.1 only.
@@ -48,6 +51,7 @@ import platform
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -314,10 +318,24 @@ def free_port() -> int:
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process, all its threads (proc(5): /proc/PID/stat fields 14, 15)."""
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        fields = handle.read().rsplit(b")", 1)[1].split()
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+    """(utime, stime) of a process and its live descendants, all their threads
+    (proc(5): /proc/PID/stat fields 14, 15; /proc/PID/task/TID/children). dicomagent's
+    indexer is a child process: its CPU time counts as the server's."""
+    user = system = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children", "rb") as handle:
+                    pending.extend(int(child) for child in handle.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        user += int(fields[11]) / CLOCK_TICKS
+        system += int(fields[12]) / CLOCK_TICKS
+    return user, system
 
 
 def machine_busy_seconds() -> float:
@@ -430,6 +448,24 @@ class Server:
             return int(http_get_json(f"http://{HOST}:{self.http_port}/statistics", 30)["CountInstances"])
         return sum(1 for p in (self.storage / "archive").rglob("*.dcm"))
 
+    def wait_indexed(self, expected: int, timeout: float = 120.0) -> float:
+        """dicomagent only: wait until its index lists ``expected`` instances (it indexes
+        just after acknowledging); returns the ``time.perf_counter()`` when it did."""
+        deadline = time.monotonic() + timeout
+        path = self.storage / "index.sqlite"
+        while True:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            try:
+                (count,) = db.execute("SELECT count(*) FROM instances").fetchone()
+            finally:
+                db.close()
+            if count >= expected:
+                return time.perf_counter()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.slot}: the index lists {count} of {expected} "
+                                 f"instances {timeout} s after the run")
+            time.sleep(0.001)
+
     def count_index(self) -> int:
         """dicomagent only, after ``stop``: instances in the index (``dicomagent ls``)."""
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -496,6 +532,7 @@ def storescu_argv(server: Server, path: str) -> list[str]:
 
 @dataclass
 class Send:
+    started: float              # time.perf_counter() when storescu started
     seconds: float
     client_cpu: float
     returncode: int
@@ -529,7 +566,7 @@ def run_storescu(argv: list[str], env: dict[str, str], timeout: float, cpus: set
     output_file.seek(0)
     output = output_file.read().decode(errors="replace")
     output_file.close()
-    return Send(seconds, usage.ru_utime + usage.ru_stime, proc.returncode, output)
+    return Send(start, seconds, usage.ru_utime + usage.ru_stime, proc.returncode, output)
 
 
 # --- one run ------------------------------------------------------------------------------
@@ -576,6 +613,10 @@ def one_run(slot: str, workload: str, round_no: int, corpus: dict, workdir: Path
                                  f"{warm.stderr.strip()}\n{server.log_tail()}")
         before, busy_before = server.cpu_times(), machine_busy_seconds()
         sent = run_storescu(storescu_argv(server, info["path"]), env, args.timeout, client_cpus)
+        seconds = sent.seconds
+        if server.kind == "dicomagent" and sent.returncode == 0:
+            # The clock stops when the last object is in the index, not at its response.
+            seconds = max(seconds, server.wait_indexed(expected) - sent.started)
         after, busy_after = server.cpu_times(), machine_busy_seconds()
         if sent.returncode != 0:
             raise BenchError(f"{slot} {workload}: storescu exit code {sent.returncode}\n"
@@ -607,7 +648,7 @@ def one_run(slot: str, workload: str, round_no: int, corpus: dict, workdir: Path
     # Whatever else the machine did meanwhile: this script, kernel threads (write-back,
     # softirq) and any other process. Large values mean the run shared the CPUs.
     other = busy_after - busy_before - server_user - server_system - sent.client_cpu
-    return Run(slot, workload, round_no, expected, info["bytes"], sent.seconds,
+    return Run(slot, workload, round_no, expected, info["bytes"], seconds,
                server_user, server_system, sent.client_cpu, max(other, 0.0), problems)
 
 

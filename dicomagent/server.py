@@ -48,7 +48,8 @@ class Agent:
         storage = config.storage
         self.archive = Archive(agent.data_dir, StorageSettings(
             fsync=storage.fsync, min_free_mb=storage.min_free_mb,
-            on_duplicate=storage.on_duplicate, accept_mismatch=storage.accept_mismatch))
+            on_duplicate=storage.on_duplicate, accept_mismatch=storage.accept_mismatch),
+            index_in_process=True)
         known = None
         if agent.require_known_calling_aet:
             known = frozenset(peer.ae_title for peer in config.peers.values())

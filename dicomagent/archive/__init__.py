@@ -63,11 +63,11 @@ from dataclasses import dataclass
 
 import pydicom
 
-from dicomagent.archive.header import record_from_head, uids_from_record
+from dicomagent.archive.indexer import (PENDING_MARGIN, IndexJob, IndexResult, ProcessIndexer,
+                                        ThreadIndexer, index_jobs, parse_file)
 from dicomagent.archive.incoming import IncomingFile, create_temporary
-from dicomagent.archive.index import InstanceRecord, SQLiteIndex
-from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
-                                     STUDY_KEYS)
+from dicomagent.archive.index import SQLiteIndex
+from dicomagent.archive.keys import INDEXED_TAGS
 from dicomagent.archive.structure import StructureError, check_structure
 from dicomagent.archive.part10 import NotPart10Error, file_meta_information, read_file_meta
 
@@ -109,55 +109,6 @@ class StoreResult:
     duplicate: bool = False
 
 
-def _text(element) -> str:
-    value = element.value
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
-#: Index key tag -> (level, is a sequence), from the seed's tables (``keys``).
-_KEY_LEVELS = {key.tag: (level, key.is_sequence)
-               for level, keys in (("patient", PATIENT_KEYS), ("study", STUDY_KEYS),
-                                   ("series", SERIES_KEYS), ("instance", INSTANCE_KEYS))
-               for key in keys}
-
-
-def record_from_dataset(ds: pydicom.Dataset) -> InstanceRecord:
-    """Read the index's attributes of every level from a parsed data set.
-
-    One pass over the data set's elements: text values for matching, DICOM
-    JSON (PS3.18 F) for returning; each level's JSON also carries the
-    Specific Character Set.
-    """
-    values = {"patient": {}, "study": {}, "series": {}, "instance": {}}
-    attrs = {"patient": {}, "study": {}, "series": {}, "instance": {}}
-    charset_json = None
-    charset = ""
-    for element in ds:
-        tag = element.tag
-        if tag == 0x00080005:
-            charset_json = element.to_json_dict(None, 1 << 20)
-            charset = _text(element)
-            continue
-        found = _KEY_LEVELS.get(tag)
-        if found is None:
-            continue
-        level, is_sequence = found
-        attrs[level][f"{tag:08X}"] = element.to_json_dict(None, 1 << 20)
-        if not is_sequence:
-            values[level][element.keyword] = _text(element)
-    if charset_json is not None:
-        for level_attrs in attrs.values():
-            if level_attrs:
-                level_attrs["00080005"] = charset_json
-    return InstanceRecord(values["patient"], values["study"], values["series"],
-                          values["instance"], attrs["patient"], attrs["study"], attrs["series"],
-                          attrs["instance"], charset)
-
-
 #: Transfer syntax whose data set is deflated (PS3.5 A.5): pydicom reads it.
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
@@ -168,18 +119,13 @@ _FILING_TAGS = frozenset((SOP_CLASS, SOP_INSTANCE, STUDY, SERIES))
 #: Objects filed but not yet indexed beyond which responses wait for the index.
 MAX_BACKLOG = 512
 
-#: ``index.pending`` is refreshed at most this often (seconds), and a start
-#: re-reads the series directories changed up to this long before its time.
-PENDING_MARGIN = 60.0
+#: Seconds the worker waits after a first object for more to index with it.
+BATCH_WAIT = 0.005
+
 
 
 def _uid_value(raw) -> str:
     return bytes(raw).rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def parse_file(path: str) -> pydicom.Dataset:
-    """The header attributes of a filed object, read by pydicom (pixel data not read)."""
-    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(INDEXED_TAGS))
 
 
 def parse_incoming(incoming: IncomingFile) -> pydicom.Dataset:
@@ -210,19 +156,6 @@ class _Filing:
     rewrite: bool = False       # B007: the header must name the data set's own UIDs
 
 
-class _IndexJob:
-    """A filed object for the worker to index; ``future`` is settled once it is."""
-    __slots__ = ("filing", "head", "complete", "future", "sequence")
-
-    def __init__(self, filing: _Filing, sequence: int):
-        self.filing = filing
-        incoming = filing.incoming
-        self.head = incoming.head
-        self.complete = incoming.complete_in_head
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self.sequence = sequence
-
-
 class _Call:
     __slots__ = ("function", "args", "future")
 
@@ -244,7 +177,8 @@ class _Call:
 class Archive:
     """The file store and the index, with the worker thread that writes the index."""
 
-    def __init__(self, data_dir: str, settings: StorageSettings = StorageSettings()):
+    def __init__(self, data_dir: str, settings: StorageSettings = StorageSettings(),
+                 index_in_process: bool = False):
         self.data_dir = os.path.abspath(data_dir)
         self.settings = settings
         self.tmp_dir = os.path.join(self.data_dir, "tmp")
@@ -262,8 +196,10 @@ class Archive:
         self._sequence = itertools.count(1)
         self._enqueued_through = 0
         self._indexed_through = 0
-        self._marker_touched_at = time.monotonic()
         self._index_failed = False
+        #: Futures of responses that wait for the index (back-pressure), by job number,
+        #: with the result the object was filed with.
+        self._waiting: dict[int, tuple[concurrent.futures.Future, StoreResult]] = {}
         #: Queries run here, on their own read-only connection (WAL lets them
         #: read while the worker writes).
         self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1,
@@ -288,6 +224,13 @@ class Archive:
             self.catch_up()
             self._mark_pending()
         fcntl.flock(self._lock, fcntl.LOCK_SH)
+        if index_in_process:
+            self._indexer = ProcessIndexer(self.index.path, self.data_dir,
+                                           settings.on_duplicate, self.pending_marker,
+                                           self._indexed)
+        else:
+            self._indexer = ThreadIndexer(self.index, self.data_dir, settings.on_duplicate,
+                                          self._indexed)
         self._worker = threading.Thread(target=self._work, name="archive", daemon=True)
         self._worker.start()
 
@@ -355,12 +298,21 @@ class Archive:
                       incoming.calling_ae_title, error)
             incoming.discard()
             return StoreResult(OUT_OF_RESOURCES, f"archive write failed: {error.strerror}")
-        job = _IndexJob(checked, next(self._sequence))
+        incoming = checked.incoming
+        sequence = next(self._sequence)
+        future = None
+        if sequence - self._indexed_through > MAX_BACKLOG:
+            # Back-pressure: the index is far behind; answer once it has this one.
+            future = concurrent.futures.Future()
+            self._waiting[sequence] = (future, checked.result)
+        job = IndexJob(sequence, checked.relative, checked.sop_class_uid,
+                       checked.sop_instance_uid, checked.study_uid, checked.series_uid,
+                       incoming.data_offset, incoming.transfer_syntax, incoming.received_at,
+                       incoming.calling_ae_title, checked.result.status, checked.result.comment,
+                       answer=future is not None)
         self._enqueued_through = job.sequence
         self._queue.put(job)
-        if self._queue.qsize() > MAX_BACKLOG:
-            return job.future           # back-pressure: answer once the index has it
-        return checked.result
+        return future if future is not None else checked.result
 
     def _check(self, incoming: IncomingFile) -> "_Filing | StoreResult":
         """Walk the data set, compare it with the command, decide duplicates: its status
@@ -482,10 +434,16 @@ class Archive:
         while True:
             job = self._queue.get()
             if job is None:
+                self._indexer.wait()
                 return
             if type(job) is _Call:
+                self._indexer.wait()
                 job.run(self)
                 continue
+            # Objects arrive one every few hundred microseconds from a busy sender:
+            # gathering them for a moment makes one batch (one thread switch, one
+            # message, one transaction) of what would be many.
+            time.sleep(BATCH_WAIT)
             batch = [job]
             while len(batch) < 256:
                 try:
@@ -493,88 +451,33 @@ class Archive:
                 except queue.Empty:
                     break
                 if more is None or type(more) is _Call:
-                    self._index_batch(batch)
+                    self._indexer.index_jobs(batch)
                     batch = []
+                    self._indexer.wait()
                     if more is None:
-                        self._queue.put(None)
                         return
                     more.run(self)
                     break
                 batch.append(more)
             if batch:
-                self._index_batch(batch)
+                self._indexer.index_jobs(batch)
             self._refill_spares()
-            if self._queue.empty():
-                self._touch_marker()
 
-    def _index_batch(self, batch: list[_IndexJob]) -> None:
-        """Index filed objects in one transaction; settle their futures."""
-        results = []
-        try:
-            unlink = []
-            for job in batch:
-                filing = job.filing
-                record = self._record(job)
-                existing = self.index.lookup(filing.sop_instance_uid)
-                result = filing.result
-                if existing is not None and existing["path"] != filing.relative:
-                    if self.settings.on_duplicate == "keep":
-                        # Filed under another study or series than the first copy.
-                        unlink.append(filing.final_path)
-                        results.append(StoreResult(result.status, "duplicate SOP Instance "
-                                                   "UID: first copy kept", existing["path"],
-                                                   duplicate=True))
-                        continue
-                    unlink.append(os.path.join(self.data_dir, existing["path"]))
-                self.index.add(record)
-                results.append(StoreResult(result.status, result.comment, result.path,
-                                           duplicate=existing is not None))
-            self.index.commit()
-        except Exception as error:  # noqa: BLE001 - a database failure
-            self.index.rollback()
+    def _indexed(self, results: "list[IndexResult] | None", through: int) -> None:
+        """The indexer's answer for the jobs up to ``through`` (``results`` None: failed).
+        Settles the responses waiting for them (back-pressure, ``import_file``)."""
+        if results is None:
             self._index_failed = True
-            log.error("index write failed: %s; %d stored object(s) are not in the index "
-                      "until the next start", error, len(batch))
-            results = [job.filing.result for job in batch]
-            unlink = []
-        for path in unlink:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self._indexed_through = batch[-1].sequence
-        for job, result in zip(batch, results):
-            _settle(job.future, result=result)
-
-    def _record(self, job: _IndexJob) -> InstanceRecord:
-        """The index record of a filed object: from its head, else from its file."""
-        filing = job.filing
-        incoming = filing.incoming
-        record = None
-        try:
-            record = record_from_head(bytes(job.head), incoming.transfer_syntax,
-                                      complete=job.complete)
-            if record is None:
-                record = record_from_dataset(parse_file(filing.final_path))
-        except Exception as error:  # noqa: BLE001 - the walk passed, pydicom did not
-            log.warning("%s: attributes unreadable (%s); indexed by its UIDs only",
-                        filing.relative, error)
-        if record is None or uids_from_record(record) != (
-                filing.sop_class_uid, filing.sop_instance_uid, filing.study_uid,
-                filing.series_uid):
-            record = InstanceRecord(
-                {"PatientID": ""}, {"StudyInstanceUID": filing.study_uid},
-                {"SeriesInstanceUID": filing.series_uid},
-                {"SOPInstanceUID": filing.sop_instance_uid,
-                 "SOPClassUID": filing.sop_class_uid})
-        record.path = filing.relative
-        record.size = incoming.size
-        record.transfer_syntax = incoming.transfer_syntax
-        record.received_at = incoming.received_at
-        record.calling_ae_title = incoming.calling_ae_title
-        record.crc32 = incoming.crc32 if job.complete else _crc32(
-            filing.final_path, incoming.data_offset + len(job.head), incoming.crc32)
-        return record
+            for sequence in [s for s in self._waiting if s <= through]:
+                future, filed = self._waiting.pop(sequence)
+                _settle(future, result=filed)
+        elif self._waiting:
+            for result in results:
+                waiting = self._waiting.pop(result.sequence, None)
+                if waiting is not None:
+                    _settle(waiting[0], result=StoreResult(result.status, result.comment,
+                                                           result.path, result.duplicate))
+        self._indexed_through = through
 
     def _mark_pending(self) -> None:
         """Create (or refresh) ``index.pending``: this daemon may file objects that are
@@ -584,19 +487,6 @@ class Archive:
         os.utime(self.pending_marker)
         if self.settings.fsync:
             _fsync_directory(self.data_dir)
-
-    def _touch_marker(self) -> None:
-        """The index is caught up: move ``index.pending``'s time forward (at most once
-        every ``PENDING_MARGIN`` seconds), so that a later start has less to re-read."""
-        if not self._alone or self._index_failed:
-            return
-        now = time.monotonic()
-        if now - self._marker_touched_at >= PENDING_MARGIN:
-            self._marker_touched_at = now
-            try:
-                os.utime(self.pending_marker)
-            except OSError as error:
-                log.warning("cannot refresh %s: %s", self.pending_marker, error.strerror)
 
     # --- storage commitment and retention (on the worker thread, through ``call``) -----------
 
@@ -674,13 +564,15 @@ class Archive:
 
         ``index.pending`` left behind says the last daemon did not stop
         cleanly; every series directory changed since its time (less
-        ``PENDING_MARGIN``) is read, and each file whose SOP Instance UID the
-        index does not list at that path is indexed. Returns how many.
+        ``PENDING_MARGIN``) is read, and each file the index does not list
+        at that path is indexed (the duplicate rule applies as for a
+        C-STORE). Returns how many were indexed.
         """
         try:
             since = os.stat(self.pending_marker).st_mtime - PENDING_MARGIN
         except FileNotFoundError:
             return 0
+        jobs = []
         added = 0
         for study in _subdirectories(self.archive_dir):
             for series in _subdirectories(study.path):
@@ -688,47 +580,45 @@ class Archive:
                     continue
                 for entry in os.scandir(series.path):
                     if entry.name.endswith(".dcm") and entry.is_file():
-                        added += self._catch_up_file(entry.path)
-        self.index.commit()
+                        job = self._catch_up_job(entry.path, len(jobs) + 1)
+                        if job is not None:
+                            jobs.append(job)
+                    if len(jobs) >= 256:
+                        added += self._index_caught_up(jobs)
+                        jobs = []
+        if jobs:
+            added += self._index_caught_up(jobs)
         if added:
             log.warning("indexed %d object(s) filed before the last stop but not indexed then",
                         added)
         return added
 
-    def _catch_up_file(self, path: str) -> int:
+    def _index_caught_up(self, jobs: list[IndexJob]) -> int:
+        results = index_jobs(self.index, self.data_dir, self.settings.on_duplicate, jobs)
+        return sum(1 for job, result in zip(jobs, results) if result.path == job.relative)
+
+    def _catch_up_job(self, path: str, sequence: int) -> IndexJob | None:
+        """An ``IndexJob`` for a file under archive/ the index does not list there."""
         relative = os.path.relpath(path, self.data_dir)
         name = os.path.basename(path)[:-len(".dcm")]
         if not name.startswith("x"):                # a UID, not a hash: look it up directly
             row = self.index.lookup(name)
             if row is not None and row["path"] == relative:
-                return 0
+                return None
         try:
             with open(path, "rb") as handle:
-                meta, _ = read_file_meta(handle)
-            record = record_from_dataset(parse_file(path))
+                meta, data_offset = read_file_meta(handle)
+            ds = parse_file(path)
+            uids = [str(ds.get(keyword, "")) for keyword in
+                    ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
         except Exception as error:  # noqa: BLE001 - not ours to judge now: leave it
             log.warning("%s: cannot be read to index it: %s", relative, error)
-            return 0
-        existing = self.index.lookup(record.sop_instance_uid)
-        if existing is not None and existing["path"] == relative:
-            return 0
-        if existing is not None and self.settings.on_duplicate == "keep":
-            os.unlink(path)
-            return 0
-        stat = os.stat(path)
-        record.path = relative
-        record.size = stat.st_size
-        record.transfer_syntax = meta["transfer_syntax"]
-        record.received_at = stat.st_mtime
-        record.calling_ae_title = meta.get("source_ae_title", "")
-        record.crc32 = _crc32(path)
-        self.index.add(record)
-        if existing is not None:
-            try:
-                os.unlink(os.path.join(self.data_dir, existing["path"]))
-            except FileNotFoundError:
-                pass
-        return 1
+            return None
+        row = self.index.lookup(uids[1])
+        if row is not None and row["path"] == relative:
+            return None
+        return IndexJob(sequence, relative, *uids, data_offset, meta["transfer_syntax"],
+                        os.stat(path).st_mtime, meta.get("source_ae_title", ""), SUCCESS, "")
 
     # --- queries (on the reader thread) ----------------------------------------------------
 
@@ -745,6 +635,9 @@ class Archive:
         self._filer.shutdown(wait=True)
         self._queue.put(None)
         self._worker.join()
+        self._indexer.close()
+        if getattr(self._indexer, "failed", False):
+            self._index_failed = True
         while self._spares:
             path, fd = self._spares.popleft()
             os.close(fd)
@@ -805,10 +698,9 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def _crc32(path: str, offset: int = 0, crc: int = 0) -> int:
-    """CRC-32 of a file from ``offset`` on, continuing ``crc``."""
+def _crc32(path: str) -> int:
+    crc = 0
     with open(path, "rb") as handle:
-        handle.seek(offset)
         while chunk := handle.read(1 << 20):
             crc = zlib.crc32(chunk, crc)
     return crc

@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import zlib
 
 from dicomagent.archive.part10 import file_meta_information
 
@@ -48,11 +47,9 @@ class IncomingFile:
 
     ``failure`` is set (to "out-of-resources" or another short reason) when
     the data set cannot be kept; the remaining fragments are then dropped.
-    ``crc32`` covers the Part 10 header and ``head``: the archive's worker
-    continues it over the rest of the file, off the event loop.
     """
 
-    __slots__ = ("path", "fd", "head", "size", "crc32", "data_offset", "failure",
+    __slots__ = ("path", "fd", "head", "size", "data_offset", "failure",
                  "sop_class_uid", "sop_instance_uid", "transfer_syntax", "calling_ae_title",
                  "received_at")
 
@@ -70,7 +67,6 @@ class IncomingFile:
                                        calling_ae_title or None)
         self.data_offset = len(header)
         self.size = len(header)
-        self.crc32 = zlib.crc32(header)
         self.fd = -1
         try:
             if spare is not None:
@@ -89,7 +85,7 @@ class IncomingFile:
         incoming.path = ""
         incoming.fd = -1
         incoming.head = bytearray()
-        incoming.size = incoming.crc32 = incoming.data_offset = 0
+        incoming.size = incoming.data_offset = 0
         incoming.failure = reason
         incoming.sop_class_uid = incoming.transfer_syntax = ""
         incoming.sop_instance_uid = sop_instance_uid
@@ -112,9 +108,7 @@ class IncomingFile:
             return
         self.size += len(fragment)
         if len(self.head) < HEAD_LIMIT:
-            kept = fragment[:HEAD_LIMIT - len(self.head)]
-            self.head += kept
-            self.crc32 = zlib.crc32(kept, self.crc32)
+            self.head += fragment[:HEAD_LIMIT - len(self.head)]
 
     def finish(self) -> "IncomingFile":
         return self

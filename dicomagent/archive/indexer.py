@@ -1,0 +1,436 @@
+"""The archive's second stage: reading filed objects into the index.
+
+An ``IndexJob`` describes one object the archive has filed (and
+acknowledged). ``index_jobs`` reads each one's header attributes from its
+file, applies the duplicate rule, writes the rows and commits once for the
+whole batch. It runs in one of two places, behind the same two methods
+(``index(jobs)``, ``wait()``):
+
+- ``ThreadIndexer``: on the archive's worker thread (command-line tools);
+- ``ProcessIndexer``: in a process of its own (the daemon). Parsing headers
+  is pure Python; in the daemon's process it would hold the interpreter
+  lock against the event loop that receives the next object, which is
+  what limits a Python node's storage rate. Here it runs beside it, on the
+  other core. Jobs go down a pipe; for each batch the process answers with
+  the results and the last job number it committed.
+
+References
+----------
+Seed Tables 41-48 (what is indexed); PS3.10 §7 (the files read here).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+
+import pydicom
+
+from dicomagent.archive.header import record_from_head, uids_from_record
+from dicomagent.archive.index import InstanceRecord, SQLiteIndex
+from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
+                                     STUDY_KEYS)
+
+log = logging.getLogger("dicomagent.archive")
+
+#: Bytes of a data set read for its header attributes; pydicom reads the file
+#: when they are not all in there.
+HEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class IndexJob:
+    """One filed object to index (plain values: it crosses a pipe)."""
+    sequence: int
+    relative: str               # its path under the data dir
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    data_offset: int            # where the data set starts in the file
+    transfer_syntax: str
+    received_at: float
+    calling_ae_title: str
+    status: int                 # the status it was acknowledged with
+    comment: str
+    answer: bool = False        # somebody waits for its result: answer at once
+
+
+@dataclass(frozen=True, slots=True)
+class IndexResult:
+    """What became of a job: the final status, the path the index names."""
+    sequence: int
+    status: int
+    comment: str
+    path: str
+    duplicate: bool
+
+
+def _text(element) -> str:
+    value = element.value
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+#: Index key tag -> (level, is a sequence), from the seed's tables (``keys``).
+_KEY_LEVELS = {key.tag: (level, key.is_sequence)
+               for level, keys in (("patient", PATIENT_KEYS), ("study", STUDY_KEYS),
+                                   ("series", SERIES_KEYS), ("instance", INSTANCE_KEYS))
+               for key in keys}
+
+
+def record_from_dataset(ds: pydicom.Dataset) -> InstanceRecord:
+    """Read the index's attributes of every level from a parsed data set.
+
+    One pass over the data set's elements: text values for matching, DICOM
+    JSON (PS3.18 F) for returning; each level's JSON also carries the
+    Specific Character Set.
+    """
+    values = {"patient": {}, "study": {}, "series": {}, "instance": {}}
+    attrs = {"patient": {}, "study": {}, "series": {}, "instance": {}}
+    charset_json = None
+    charset = ""
+    for element in ds:
+        tag = element.tag
+        if tag == 0x00080005:
+            charset_json = element.to_json_dict(None, 1 << 20)
+            charset = _text(element)
+            continue
+        found = _KEY_LEVELS.get(tag)
+        if found is None:
+            continue
+        level, is_sequence = found
+        attrs[level][f"{tag:08X}"] = element.to_json_dict(None, 1 << 20)
+        if not is_sequence:
+            values[level][element.keyword] = _text(element)
+    if charset_json is not None:
+        for level_attrs in attrs.values():
+            if level_attrs:
+                level_attrs["00080005"] = charset_json
+    return InstanceRecord(values["patient"], values["study"], values["series"],
+                          values["instance"], attrs["patient"], attrs["study"], attrs["series"],
+                          attrs["instance"], charset)
+
+
+def parse_file(path: str) -> pydicom.Dataset:
+    """The header attributes of a Part 10 file, read by pydicom (pixel data not read)."""
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(INDEXED_TAGS))
+
+
+def file_facts(path: str, data_offset: int) -> tuple[bytes, int, int]:
+    """(the data set's first ``HEAD_BYTES``, file size, CRC-32 of the whole file)."""
+    with open(path, "rb") as handle:
+        preamble_and_meta = handle.read(data_offset)
+        head = handle.read(HEAD_BYTES)
+        crc = zlib.crc32(head, zlib.crc32(preamble_and_meta))
+        size = len(preamble_and_meta) + len(head)
+        while chunk := handle.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return head, size, crc
+
+
+def job_record(job: IndexJob, path: str) -> InstanceRecord:
+    """The index record of a filed object, read from its file.
+
+    The header reader of ``header.py`` when it can, else pydicom. When
+    neither can read the attributes of a data set whose structure the
+    filing walk accepted, the object is indexed by its UIDs alone (and a
+    warning says so): it was acknowledged, so it must be findable.
+    """
+    head, size, crc = file_facts(path, job.data_offset)
+    record = None
+    try:
+        record = record_from_head(head, job.transfer_syntax,
+                                  complete=size - job.data_offset == len(head))
+        if record is None:
+            record = record_from_dataset(parse_file(path))
+    except Exception as error:  # noqa: BLE001 - the walk passed, the parser did not
+        log.warning("%s: attributes unreadable (%s); indexed by its UIDs only",
+                    job.relative, error)
+    if record is None or uids_from_record(record) != (
+            job.sop_class_uid, job.sop_instance_uid, job.study_uid, job.series_uid):
+        record = InstanceRecord(
+            {"PatientID": ""}, {"StudyInstanceUID": job.study_uid},
+            {"SeriesInstanceUID": job.series_uid},
+            {"SOPInstanceUID": job.sop_instance_uid, "SOPClassUID": job.sop_class_uid})
+    record.path = job.relative
+    record.size = size
+    record.transfer_syntax = job.transfer_syntax
+    record.received_at = job.received_at
+    record.calling_ae_title = job.calling_ae_title
+    record.crc32 = crc
+    return record
+
+
+def index_jobs(index: SQLiteIndex, data_dir: str, on_duplicate: str,
+               jobs: list[IndexJob]) -> list[IndexResult]:
+    """Index filed objects in one transaction (raises when the database fails).
+
+    Duplicates under the same path were settled by filing (kept, or
+    replaced by the rename). One filed under another study or series than
+    the indexed copy: ``keep`` removes the new file, ``replace`` the old.
+    """
+    results = []
+    unlink = []
+    try:
+        for job in jobs:
+            existing = index.lookup(job.sop_instance_uid)
+            if existing is not None and existing["path"] != job.relative:
+                if on_duplicate == "keep":
+                    unlink.append(job.relative)
+                    results.append(IndexResult(job.sequence, job.status, "duplicate SOP "
+                                               "Instance UID: first copy kept",
+                                               existing["path"], True))
+                    continue
+                unlink.append(existing["path"])
+            index.add(job_record(job, os.path.join(data_dir, job.relative)))
+            results.append(IndexResult(job.sequence, job.status, job.comment, job.relative,
+                                       existing is not None))
+        index.commit()
+    except BaseException:
+        index.rollback()
+        raise
+    for relative in unlink:
+        try:
+            os.unlink(os.path.join(data_dir, relative))
+        except FileNotFoundError:
+            pass
+    return results
+
+
+class ThreadIndexer:
+    """Indexes on the calling thread (the archive's worker)."""
+
+    def __init__(self, index: SQLiteIndex, data_dir: str, on_duplicate: str, done):
+        self.index = index
+        self.data_dir = data_dir
+        self.on_duplicate = on_duplicate
+        self._done = done           # done(results or None, last sequence)
+
+    def index_jobs(self, jobs: list[IndexJob]) -> None:
+        try:
+            results = index_jobs(self.index, self.data_dir, self.on_duplicate, jobs)
+        except Exception as error:  # noqa: BLE001 - a database failure
+            log.error("index write failed: %s; %d stored object(s) are not in the index "
+                      "until the next start", error, len(jobs))
+            results = None
+        self._done(results, jobs[-1].sequence)
+
+    def wait(self) -> None:
+        """Every job handed over is indexed (here: at once)."""
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessIndexer:
+    """Indexes in a child process; a thread here reads its answers.
+
+    ``done(results, last_sequence)`` is called on that thread for each
+    batch (``results`` None when the batch failed); ``wait()`` returns once
+    every job handed over has been answered, or the process has gone.
+    """
+
+    def __init__(self, index_path: str, data_dir: str, on_duplicate: str, pending_marker: str,
+                 done):
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(
+            target=_child_main, name="dicomagent-indexer", daemon=True,
+            args=(child, index_path, data_dir, on_duplicate, pending_marker,
+                  logging.getLogger().getEffectiveLevel()))
+        self._process.start()
+        child.close()
+        self._done = done
+        self._sent_through = 0
+        self._answered_through = 0
+        self._gone = False
+        self._failed = False
+        self._closing = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read_answers, name="indexer-answers",
+                                        daemon=True)
+        self._reader.start()
+
+    def index_jobs(self, jobs: list[IndexJob]) -> None:
+        if self._gone:
+            self._done(None, jobs[-1].sequence)
+            return
+        self._sent_through = jobs[-1].sequence
+        try:
+            self._connection.send(jobs)
+        except (OSError, EOFError):
+            self._done(None, jobs[-1].sequence)
+
+    def wait(self) -> None:
+        with self._changed:
+            if self._gone or self._answered_through >= self._sent_through:
+                return
+        try:
+            self._connection.send(SYNC)
+        except OSError:
+            pass
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._gone or self._answered_through >= self._sent_through)
+
+    def _read_answers(self) -> None:
+        while True:
+            try:
+                results, through = self._connection.recv()
+            except (OSError, EOFError):
+                break
+            if results is None:
+                self._failed = True
+            self._done(results, through)
+            with self._changed:
+                self._answered_through = through
+                self._changed.notify_all()
+        if not self._closing:
+            log.error("the indexer process stopped (exit code %s): objects stored from now on "
+                      "are indexed at the next start", self._process.exitcode)
+        with self._changed:
+            self._gone = True
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Let the process index what it has, then stop it."""
+        self._failed = self._gone          # it ended before it was asked to
+        self._closing = True
+        if not self._gone:
+            try:
+                self._connection.send(None)
+            except OSError:
+                pass
+        self._process.join(60)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._reader.join(10)
+        self._connection.close()
+        if self._process.exitcode not in (0, None):
+            self._failed = True
+            log.error("the indexer process ended with exit code %s", self._process.exitcode)
+
+    @property
+    def failed(self) -> bool:
+        """The process ended before it was asked to, or not cleanly (after ``close``)."""
+        return self._failed
+
+
+#: ``index.pending`` is moved forward at most this often (seconds), and a start
+#: re-reads the series directories changed up to this long before its time.
+PENDING_MARGIN = 60.0
+
+#: Asks the indexer process to answer for everything it was sent (``wait``).
+SYNC = "sync"
+
+#: The indexer process answers at the latest after this many jobs or seconds
+#: (sooner when asked): the daemon needs its answers only to know how far
+#: behind it is, and every answer costs the daemon a thread switch.
+ANSWER_EVERY = 256
+ANSWER_AFTER = 0.2
+
+
+def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
+                pending_marker: str, log_level: int) -> None:
+    """The indexer process: batches of jobs in, (results, last sequence) out.
+
+    It stops when the daemon says so (None) or is gone (end of file), after
+    indexing what it has; signals are the daemon's to handle (a Ctrl-C or a
+    SIGTERM to the process group must not cut a batch short).
+
+    Its commits are not flushed one by one (SQLite ``synchronous=NORMAL``):
+    the index can be rebuilt from the files, and a flush per batch would
+    compete with the flushes that acknowledge objects. The write-ahead log is
+    flushed before ``index.pending`` is moved forward (when the index has
+    been idle, at most every ``PENDING_MARGIN`` seconds) and before the
+    process ends, after which the daemon removes the marker.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: "
+                                                "%(message)s")
+    index = SQLiteIndex(index_path, durable=False)
+    unanswered: list[IndexResult] = []
+    through = 0
+    answered_at = marked_at = time.monotonic()
+    try:
+        while True:
+            jobs: list[IndexJob] = []
+            asked = stop = False
+            wait = ANSWER_AFTER if unanswered else None
+            while len(jobs) < 1024 and connection.poll(0 if jobs or asked else wait):
+                try:
+                    message = connection.recv()
+                except EOFError:
+                    message = None
+                if message is None:
+                    stop = True
+                    break
+                if message == SYNC:
+                    asked = True
+                else:
+                    jobs.extend(message)
+            failed = False
+            if jobs:
+                try:
+                    unanswered += index_jobs(index, data_dir, on_duplicate, jobs)
+                except Exception as error:  # noqa: BLE001 - a database failure
+                    log.error("index write failed: %s; %d stored object(s) are not in the "
+                              "index until the next start", error, len(jobs))
+                    failed = True
+                through = jobs[-1].sequence
+            if (failed or asked or stop or len(unanswered) >= ANSWER_EVERY
+                    or any(job.answer for job in jobs)
+                    or (unanswered and time.monotonic() - answered_at >= ANSWER_AFTER)
+                    or (not jobs and unanswered)):
+                try:
+                    connection.send((None if failed else unanswered, through))
+                except OSError:
+                    return              # the daemon is gone; what was indexed is committed
+                unanswered = []
+                answered_at = time.monotonic()
+                if not jobs and answered_at - marked_at >= PENDING_MARGIN:
+                    _flush_log(index_path)
+                    _touch(pending_marker)
+                    marked_at = answered_at
+            if stop:
+                return
+    finally:
+        _flush_log(index_path)
+        index.close()
+
+
+def _flush_log(index_path: str) -> None:
+    """Make every commit so far durable: flush the write-ahead log (what was checkpointed
+    out of it, SQLite flushed already)."""
+    try:
+        fd = os.open(index_path + "-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _touch(marker: str) -> None:
+    """Move ``index.pending`` forward: everything filed up to ``PENDING_MARGIN`` seconds
+    ago is in the index (a filing still on its way is younger than that)."""
+    try:
+        os.utime(marker)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("cannot refresh %s: %s", marker, error.strerror)
