@@ -682,25 +682,35 @@ def start_storescu(node, path: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_growing_part_file(data_dir: Path, sender: subprocess.Popen,
-                               timeout: float = 20.0) -> Path:
-    """The file in tmp/ that grows while the large data set arrives (seen growing past 1 MiB)."""
+def receiving_sizes(node) -> list[int]:
+    """Sizes of the files the daemon has open in tmp/: the data sets it is receiving (and
+    empty spares). Unnamed files (O_TMPFILE) show only in /proc/PID/fd, as
+    ".../tmp/#INODE (deleted)"; named ones end in .part."""
+    fd_dir = f"/proc/{node.pid}/fd"
+    tmp = str(node.data_dir / "tmp") + "/"
+    sizes = []
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}").startswith(tmp):
+                sizes.append(os.stat(f"{fd_dir}/{fd}").st_size)
+        except OSError:
+            continue            # closed meanwhile
+    return sizes
+
+
+def wait_for_growing_data_set(node, sender: subprocess.Popen, timeout: float = 20.0) -> int:
+    """The size of the data set being received once it is seen growing past 1 MiB."""
     deadline = time.monotonic() + timeout
-    seen: dict[str, int] = {}
     while time.monotonic() < deadline:
         if sender.poll() is not None:
-            raise AssertionError(f"the sender ended ({sender.returncode}) before a file in "
-                                 f"tmp/ was seen growing:\n{sender.stdout.read()}")
-        for name in tmp_files(data_dir):
-            try:
-                size = (data_dir / "tmp" / name).stat().st_size
-            except FileNotFoundError:
-                continue
-            first = seen.setdefault(name, size)
-            if first < size and size > 1 << 20:
-                return data_dir / "tmp" / name
+            raise AssertionError(f"the sender ended ({sender.returncode}) before a data set "
+                                 f"was seen arriving:\n{sender.stdout.read()}")
+        growing = [size for size in receiving_sizes(node) if size > 1 << 20]
+        if growing:
+            return max(growing)
         time.sleep(0.005)
-    raise AssertionError(f"no growing file in {data_dir / 'tmp'} within {timeout:g} s")
+    raise AssertionError(f"no data set seen arriving in {node.data_dir / 'tmp'} "
+                         f"within {timeout:g} s")
 
 
 # === 1. DCMTK storescu -> dicomagent serve ====================================================
@@ -967,7 +977,7 @@ def test_kill_9_while_receiving_then_restart(agent_factory, tmp_path, big_file):
 
     sender = start_storescu(node, big_file.path)
     try:
-        part = wait_for_growing_part_file(node.data_dir, sender)
+        seen = wait_for_growing_data_set(node, sender)
         os.kill(node.pid, signal.SIGKILL)
         node.process.wait(10)
         sender.communicate(timeout=30)
@@ -977,7 +987,7 @@ def test_kill_9_while_receiving_then_restart(agent_factory, tmp_path, big_file):
             sender.wait()
     assert sender.returncode != 0
     # The daemon died in the middle of the data set, not after it.
-    assert part.exists() and part.stat().st_size < big_file.path.stat().st_size
+    assert seen < big_file.path.stat().st_size
 
     restarted = agent_factory(data_dir=node.data_dir)
     assert tmp_files(node.data_dir) == []
@@ -1079,9 +1089,7 @@ def test_ls_while_a_data_set_arrives_does_not_disturb_it(agent_factory):
 
     def between():
         deadline = time.monotonic() + 10
-        while not any(name.endswith(".part") and
-                      (agent.data_dir / "tmp" / name).stat().st_size > len(data) // 2
-                      for name in tmp_files(agent.data_dir)):
+        while not any(size > len(data) // 2 for size in receiving_sizes(agent)):
             assert time.monotonic() < deadline, "the first half never reached tmp/"
             time.sleep(0.01)
         listed.append(dicomagent("ls", "--data-dir", str(agent.data_dir), "--json"))

@@ -55,6 +55,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -83,7 +84,7 @@ CANNOT_UNDERSTAND = 0xC000
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 #: Temporary files the worker keeps created ahead of the receiving side.
-_SPARES = 4
+_SPARES = 16
 
 
 def safe_uid(uid: str) -> str:
@@ -191,7 +192,7 @@ class Archive:
         self._free_checked_at = 0.0
         self._free_ok = True
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._spares: collections.deque[tuple[str, int]] = collections.deque()
+        self._spares: collections.deque[tuple[str, int, bool]] = collections.deque()
         #: Index jobs are numbered; ``_indexed_through`` is the last one committed.
         self._sequence = itertools.count(1)
         self._enqueued_through = 0
@@ -385,30 +386,54 @@ class Archive:
             setattr(incoming, name, getattr(new, name))
 
     def _place(self, filing: _Filing) -> None:
-        """Flush the temporary file (fsync on), rename it to its final path, flush the
+        """Flush the temporary file (fsync on), give it its final name, flush the
         directories whose entries changed: its own, and the parent of each one made."""
         incoming = filing.incoming
         if filing.rewrite:
             self._rewrite_header(incoming, filing.sop_class_uid, filing.sop_instance_uid)
         if self.settings.fsync:
             os.fdatasync(incoming.fd)       # data and size; the mtime need not wait
-        os.close(incoming.fd)
-        incoming.fd = -1
-        directory = os.path.dirname(filing.final_path)
-        changed = [directory]
+        directory, name = os.path.split(filing.final_path)
+        made = []
         try:
-            os.replace(incoming.path, filing.final_path)
+            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:           # the series' first object: make its directories
             missing = directory
             while not os.path.isdir(missing):
-                changed.append(os.path.dirname(missing))
+                made.append(os.path.dirname(missing))
                 missing = os.path.dirname(missing)
             os.makedirs(directory, exist_ok=True)
-            os.replace(incoming.path, filing.final_path)
-        incoming.path = ""
-        if self.settings.fsync:
-            for changed_directory in changed:
-                _fsync_directory(changed_directory)
+            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if incoming.named:
+                os.replace(incoming.path, filing.final_path)
+            else:
+                self._link(incoming.fd, directory_fd, name, filing.final_path)
+            os.close(incoming.fd)
+            incoming.fd = -1
+            incoming.path = ""
+            if self.settings.fsync:
+                os.fsync(directory_fd)
+                for parent in made:
+                    _fsync_directory(parent)
+        finally:
+            os.close(directory_fd)
+
+    def _link(self, fd: int, directory_fd: int, name: str, final_path: str) -> None:
+        """Give an unnamed file (``O_TMPFILE``) its name in the archive: linkat(2) through
+        /proc/self/fd. A link never replaces a file: when one is there (``on_duplicate =
+        "replace"``, or two copies at once), link in ``tmp/`` and rename over it."""
+        source = f"/proc/self/fd/{fd}"
+        try:
+            os.link(source, name, dst_dir_fd=directory_fd, follow_symlinks=True)
+        except FileExistsError:
+            staged = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
+            os.link(source, staged, follow_symlinks=True, src_dir_fd=directory_fd)
+            try:
+                os.replace(staged, final_path)
+            except OSError:
+                os.unlink(staged)
+                raise
 
     # --- the worker thread: indexing -----------------------------------------------------
 
@@ -639,9 +664,10 @@ class Archive:
         if getattr(self._indexer, "failed", False):
             self._index_failed = True
         while self._spares:
-            path, fd = self._spares.popleft()
+            path, fd, named = self._spares.popleft()
             os.close(fd)
-            os.unlink(path)
+            if named:
+                os.unlink(path)
         self.reader.shutdown(wait=True)
         if self._read_db is not None:
             self._read_db.close()

@@ -8,8 +8,10 @@ to the file with ``os.write``, with no copy. The first ``HEAD_LIMIT`` bytes
 are also kept in memory, so the attributes the index needs can usually be
 parsed without reading the file back.
 
-Nothing here is in the archive yet: the file lives under ``tmp/`` until the
-archive's worker has checked it, flushed it and renamed it into place.
+Nothing here is in the archive yet. Where the file system allows it (Linux
+``O_TMPFILE``) the file has no name at all until filing links it into the
+archive, so a crash leaves nothing behind; elsewhere it is a named file in
+``tmp/`` (removed at the next start) until it is renamed into place.
 """
 
 from __future__ import annotations
@@ -32,14 +34,33 @@ def write_all(fd: int, data) -> None:
         view = view[written:]
 
 
-def create_temporary(tmp_dir: str, suffix: str = ".part") -> tuple[str, int]:
-    """A new empty file in ``tmp_dir``, open for writing: (path, fd).
+#: Whether unnamed files (``O_TMPFILE``, linked through /proc/self/fd) work here;
+#: None until the first try.
+_unnamed_files: bool | None = None
 
-    The archive's worker creates some ahead with the suffix ``.spare``: an
-    empty ``.spare`` file in ``tmp/`` is one waiting for a data set.
+
+def create_temporary(tmp_dir: str, suffix: str = ".part") -> tuple[str, int, bool]:
+    """A new empty file for a data set, open for writing: (path, fd, named).
+
+    Unnamed where the file system can (``path`` is then /proc/self/fd/FD,
+    to read it by), else a named file in ``tmp_dir``. The archive's worker
+    creates some ahead (an empty named ``.spare`` file in ``tmp/`` is one
+    waiting for a data set).
     """
+    global _unnamed_files
+    if _unnamed_files is None:
+        _unnamed_files = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+    if _unnamed_files:
+        try:
+            fd = os.open(tmp_dir, os.O_WRONLY | os.O_TMPFILE, 0o644)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            _unnamed_files = False          # not on this file system: named files
+        else:
+            return f"/proc/self/fd/{fd}", fd, False
     path = os.path.join(tmp_dir, f"{secrets.token_hex(8)}{suffix}")
-    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), True
 
 
 class IncomingFile:
@@ -49,13 +70,13 @@ class IncomingFile:
     the data set cannot be kept; the remaining fragments are then dropped.
     """
 
-    __slots__ = ("path", "fd", "head", "size", "data_offset", "failure",
+    __slots__ = ("path", "fd", "named", "head", "size", "data_offset", "failure",
                  "sop_class_uid", "sop_instance_uid", "transfer_syntax", "calling_ae_title",
                  "received_at")
 
     def __init__(self, tmp_dir: str, sop_class_uid: str, sop_instance_uid: str,
                  transfer_syntax: str, calling_ae_title: str, received_at: float,
-                 spare: tuple[str, int] | None = None):
+                 spare: tuple[str, int, bool] | None = None):
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
         self.transfer_syntax = transfer_syntax
@@ -68,11 +89,13 @@ class IncomingFile:
         self.data_offset = len(header)
         self.size = len(header)
         self.fd = -1
+        self.path = ""
+        self.named = False
         try:
             if spare is not None:
-                self.path, self.fd = spare
+                self.path, self.fd, self.named = spare
             else:
-                self.path, self.fd = create_temporary(tmp_dir)
+                self.path, self.fd, self.named = create_temporary(tmp_dir)
             write_all(self.fd, header)
         except OSError as error:
             self._fail(error)
@@ -84,6 +107,7 @@ class IncomingFile:
         incoming = cls.__new__(cls)
         incoming.path = ""
         incoming.fd = -1
+        incoming.named = False
         incoming.head = bytearray()
         incoming.size = incoming.data_offset = 0
         incoming.failure = reason
@@ -123,9 +147,9 @@ class IncomingFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.path:
+        if self.path and self.named:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-            self.path = ""
+        self.path = ""
