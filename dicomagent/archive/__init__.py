@@ -3,8 +3,10 @@
 Layout under the data dir::
 
     archive/<Study UID>/<Series UID>/<SOP Instance UID>.dcm   the objects (Part 10 files)
-    tmp/                                                     data sets being received
-                                                             (and empty *.spare files ready)
+    tmp/                                                     where data sets being received
+                                                             live, unnamed (O_TMPFILE) or,
+                                                             where that is not possible,
+                                                             as *.part / empty *.spare files
     index.sqlite                                             the index (SQLite, WAL)
     index.pending                                            present while objects may be
                                                              filed but not yet indexed
@@ -19,23 +21,26 @@ A received data set goes through two stages:
    (``check_structure``: every length must hold, which also yields the SOP
    Class, SOP Instance, Study and Series UIDs), the status is decided (seed
    Table 67), the temporary file is flushed (``fdatasync``, when
-   ``storage.fsync`` is on), renamed to its final path, and that directory
-   flushed. Only then is the response sent: an acknowledged object is on
-   stable storage. With fsync off filing is a header walk and a rename, done
-   on the event loop; with fsync on (or a deflated data set, or
+   ``storage.fsync`` is on), given its final name (linked, or renamed), and
+   its directory flushed. Only then is the response sent: an acknowledged
+   object is on stable storage. With fsync off, filing is a header walk and
+   a link, done on the event loop; with fsync on (or a deflated data set, or
    ``accept_mismatch``) it runs on a filer thread.
-2. **Indexing**, after it, on the worker thread: the header attributes are
-   parsed and written to the index, many objects per transaction. A query,
-   a storage commitment or a deletion waits for the objects acknowledged
-   before it (``caught_up``, ``call``). When indexing falls more than
-   ``MAX_BACKLOG`` objects behind, responses wait for it (back-pressure).
+2. **Indexing**, just after, in the indexer (``indexer.py``: a process of its
+   own in the daemon, the worker thread in command-line tools): the header
+   attributes are read from the file and written to the index, many objects
+   per transaction. A query, a storage commitment or a deletion waits for
+   the objects acknowledged before it (``caught_up``, ``call``). When
+   indexing falls more than ``MAX_BACKLOG`` objects behind, responses wait
+   for it (back-pressure).
 
 The files are the truth, the index is derived from them. A crash leaves at
-worst files in ``tmp/`` (removed at the next start: nothing acknowledged)
-and filed objects whose index rows were not written yet: ``index.pending``
-exists while a daemon runs, and its modification time is refreshed while
-the index is caught up; a start that finds it re-reads every series
-directory changed since then (``catch_up``) and indexes what is missing.
+worst a data set in ``tmp/`` that was never acknowledged (an unnamed file
+vanishes by itself; a named one is removed at the next start) and filed
+objects whose index rows were not written yet: ``index.pending`` exists
+while a daemon runs, and its modification time moves forward while the
+index is caught up; a start that finds it re-reads every series directory
+changed since then (``catch_up``) and indexes what is missing.
 
 References
 ----------
@@ -187,6 +192,7 @@ class Archive:
         self.pending_marker = os.path.join(self.data_dir, "index.pending")
         os.makedirs(self.tmp_dir, exist_ok=True)
         os.makedirs(self.archive_dir, exist_ok=True)
+        self._tmp_fd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
         self.index = SQLiteIndex(os.path.join(self.data_dir, "index.sqlite"),
                                  durable=settings.fsync)
         self._free_checked_at = 0.0
@@ -393,42 +399,40 @@ class Archive:
             self._rewrite_header(incoming, filing.sop_class_uid, filing.sop_instance_uid)
         if self.settings.fsync:
             os.fdatasync(incoming.fd)       # data and size; the mtime need not wait
-        directory, name = os.path.split(filing.final_path)
-        made = []
         try:
-            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            self._name(incoming, filing.final_path)
+            made = []
         except FileNotFoundError:           # the series' first object: make its directories
+            directory = os.path.dirname(filing.final_path)
+            made = []
             missing = directory
             while not os.path.isdir(missing):
                 made.append(os.path.dirname(missing))
                 missing = os.path.dirname(missing)
             os.makedirs(directory, exist_ok=True)
-            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if incoming.named:
-                os.replace(incoming.path, filing.final_path)
-            else:
-                self._link(incoming.fd, directory_fd, name, filing.final_path)
-            os.close(incoming.fd)
-            incoming.fd = -1
-            incoming.path = ""
-            if self.settings.fsync:
-                os.fsync(directory_fd)
-                for parent in made:
-                    _fsync_directory(parent)
-        finally:
-            os.close(directory_fd)
+            self._name(incoming, filing.final_path)
+        os.close(incoming.fd)
+        incoming.fd = -1
+        incoming.path = ""
+        if self.settings.fsync:
+            for directory in [os.path.dirname(filing.final_path), *made]:
+                _fsync_directory(directory)
 
-    def _link(self, fd: int, directory_fd: int, name: str, final_path: str) -> None:
-        """Give an unnamed file (``O_TMPFILE``) its name in the archive: linkat(2) through
-        /proc/self/fd. A link never replaces a file: when one is there (``on_duplicate =
-        "replace"``, or two copies at once), link in ``tmp/`` and rename over it."""
-        source = f"/proc/self/fd/{fd}"
+    def _name(self, incoming: IncomingFile, final_path: str) -> None:
+        """Give the received file its final name. A named temporary file is renamed; an
+        unnamed one (``O_TMPFILE``) is linked: linkat(2) through /proc/self/fd (a
+        directory fd makes Python call linkat, which follows that link). A link never
+        replaces a file: when one is there (``on_duplicate = "replace"``, or two copies
+        at once), link in ``tmp/`` and rename over it."""
+        if incoming.named:
+            os.replace(incoming.path, final_path)
+            return
+        source = f"/proc/self/fd/{incoming.fd}"
         try:
-            os.link(source, name, dst_dir_fd=directory_fd, follow_symlinks=True)
+            os.link(source, final_path, src_dir_fd=self._tmp_fd, follow_symlinks=True)
         except FileExistsError:
             staged = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
-            os.link(source, staged, follow_symlinks=True, src_dir_fd=directory_fd)
+            os.link(source, staged, src_dir_fd=self._tmp_fd, follow_symlinks=True)
             try:
                 os.replace(staged, final_path)
             except OSError:
@@ -672,6 +676,7 @@ class Archive:
         if self._read_db is not None:
             self._read_db.close()
         self.index.close()
+        os.close(self._tmp_fd)
         if self._alone and not self._index_failed:
             os.unlink(self.pending_marker)
         self._lock.close()

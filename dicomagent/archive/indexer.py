@@ -44,7 +44,7 @@ log = logging.getLogger("dicomagent.archive")
 HEAD_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IndexJob:
     """One filed object to index (plain values: it crosses a pipe)."""
     sequence: int
@@ -62,7 +62,7 @@ class IndexJob:
     answer: bool = False        # somebody waits for its result: answer at once
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IndexResult:
     """What became of a job: the final status, the path the index names."""
     sequence: int
