@@ -282,28 +282,40 @@ class Archive:
     def receive(self, incoming: IncomingFile) -> "StoreResult | concurrent.futures.Future":
         """File a complete data set: its ``StoreResult`` now, or a future of it.
 
-        Called on the event loop. Filing that only walks headers and renames
-        happens here; filing that flushes or copies goes to a filer thread.
+        Called on the event loop. The check (a walk over element headers) is
+        done here, and so is the rest when it is only a link; filing that
+        flushes or copies goes to a filer thread. A deflated data set is
+        inflated by pydicom to be checked: all of it on the filer thread.
         """
-        if self._file_inline and incoming.transfer_syntax != DEFLATED:
-            return self._receive(incoming)
-        return self._filer.submit(self._receive_waiting, incoming)
-
-    def _receive_waiting(self, incoming: IncomingFile) -> StoreResult:
-        outcome = self._receive(incoming)
-        return outcome.result() if isinstance(outcome, concurrent.futures.Future) else outcome
-
-    def _receive(self, incoming: IncomingFile) -> "StoreResult | concurrent.futures.Future":
+        if incoming.transfer_syntax == DEFLATED:
+            return self._filer.submit(self._receive_waiting, incoming)
         checked = self._check(incoming)
         if type(checked) is StoreResult:
             incoming.discard()
             return checked
+        if self._file_inline:
+            return self._file(checked)
+        return self._filer.submit(self._file_waiting, checked)
+
+    def _receive_waiting(self, incoming: IncomingFile) -> StoreResult:
+        checked = self._check(incoming)
+        if type(checked) is StoreResult:
+            incoming.discard()
+            return checked
+        return self._file_waiting(checked)
+
+    def _file_waiting(self, checked: _Filing) -> StoreResult:
+        outcome = self._file(checked)
+        return outcome.result() if isinstance(outcome, concurrent.futures.Future) else outcome
+
+    def _file(self, checked: _Filing) -> "StoreResult | concurrent.futures.Future":
+        """Put a checked data set in place and hand it to the indexer."""
         try:
             self._place(checked)
         except OSError as error:
             log.error("C-STORE %s from %s: archive write failed: %s", checked.sop_instance_uid,
-                      incoming.calling_ae_title, error)
-            incoming.discard()
+                      checked.incoming.calling_ae_title, error)
+            checked.incoming.discard()
             return StoreResult(OUT_OF_RESOURCES, f"archive write failed: {error.strerror}")
         incoming = checked.incoming
         sequence = next(self._sequence)
@@ -697,9 +709,7 @@ class Archive:
                     incoming.write(chunk)
         except (NotPart10Error, OSError) as error:
             return StoreResult(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {error}")
-        outcome = self._receive(incoming)
-        if isinstance(outcome, concurrent.futures.Future):
-            return outcome.result()
+        outcome = self._receive_waiting(incoming)
         pending = self.caught_up()
         if pending is not None:
             pending.result()
