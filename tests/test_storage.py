@@ -1055,6 +1055,43 @@ def test_kill_9_right_after_a_burst_loses_nothing_acknowledged(agent_factory, tm
     assert tmp_files(node.data_dir) == []
 
 
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            children += [int(child) for child in handle.read().split()]
+    return children
+
+
+def test_indexer_killed_storage_goes_on_and_a_restart_catches_up(agent_factory, tmp_path):
+    """The indexer process dies (here: SIGKILL): the daemon says so once, goes on storing
+    and answering (a C-FIND must not wait for the dead indexer), keeps ``index.pending``
+    at its stop, and the next start indexes what was stored meanwhile."""
+    node = agent_factory()
+    before = [make_file(tmp_path / "a", kind, "explicit", patient_id=f"IDX-DIES-{kind}")
+              for kind in ("ct", "mr")]
+    assert storescu(node, before, "-xe").returncode == 0
+    assert len(index_rows(node.data_dir)) == 2
+    indexers = _children(node.pid)
+    assert indexers, "no indexer process"
+    for child in indexers:
+        os.kill(child, signal.SIGKILL)
+    after = [make_file(tmp_path / "b", kind, "explicit", patient_id=f"IDX-DIES-{kind}")
+             for kind in ("sr", "sc", "us")]
+    result = storescu(node, after, "-xe")
+    assert result.returncode == 0, output(result)
+    found = run(["findscu", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                 "-aec", node.ae_title, node.host, str(node.port)], 30)
+    assert found.returncode == 0, output(found)
+    assert "the indexer process stopped" in node.log()
+    assert node.terminate() == 0
+    assert (node.data_dir / "index.pending").exists()
+    restarted = agent_factory(data_dir=node.data_dir)
+    rows = assert_archive_consistent(node.data_dir)
+    assert len(rows) == 5
+    assert "indexed 3 object(s) filed before the last stop" in restarted.log()
+
+
 def test_failed_rename_leaves_no_index_row(agent_factory):
     """When filing fails after the index commit (here: a directory squats the final path),
     the C-STORE fails and the index must not keep a row for a file that is not there;
