@@ -243,26 +243,37 @@ class ProcessIndexer:
 
     def __init__(self, index_path: str, data_dir: str, on_duplicate: str, pending_marker: str,
                  done):
-        context = multiprocessing.get_context("spawn")
-        self._connection, child = context.Pipe()
-        self._process = context.Process(
-            target=_child_main, name="dicomagent-indexer", daemon=True,
-            args=(child, index_path, data_dir, on_duplicate, pending_marker,
-                  logging.getLogger().getEffectiveLevel()))
-        self._process.start()
-        child.close()
-        self._done = done
+        self._arguments = (index_path, data_dir, on_duplicate, pending_marker)
+        self._process = None            # started with the first jobs: a daemon that
+        self._done = done               # stores nothing never pays for it
         self._sent_through = 0
         self._answered_through = 0
         self._gone = False
         self._failed = False
         self._closing = False
         self._changed = threading.Condition()
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(
+            target=_child_main, name="dicomagent-indexer", daemon=True,
+            args=(child, *self._arguments, logging.getLogger().getEffectiveLevel()))
+        self._process.start()
+        child.close()
         self._reader = threading.Thread(target=self._read_answers, name="indexer-answers",
                                         daemon=True)
         self._reader.start()
 
     def index_jobs(self, jobs: list[IndexJob]) -> None:
+        if self._process is None:
+            try:
+                self._start()
+            except Exception as error:  # noqa: BLE001 - storage goes on without an index
+                log.error("cannot start the indexer process: %s; objects stored from now on "
+                          "are indexed at the next start", error)
+                self._process = False
+                self._gone = self._failed = True
         if self._gone:
             self._done(None, jobs[-1].sequence)
             return
@@ -305,6 +316,8 @@ class ProcessIndexer:
 
     def close(self) -> None:
         """Let the process index what it has, then stop it."""
+        if not self._process:
+            return
         self._failed = self._gone          # it ended before it was asked to
         self._closing = True
         if not self._gone:
