@@ -269,7 +269,8 @@ class Archive:
         except IndexError:
             spare = None
         return IncomingFile(self.tmp_dir, sop_class_uid, sop_instance_uid, transfer_syntax,
-                            calling_ae_title, time.time(), spare)
+                            calling_ae_title, time.time(), spare,
+                            write_ahead=self.settings.fsync)
 
     def _refill_spares(self) -> None:
         """On the worker: create temporary files ahead for ``open_incoming``."""
