@@ -611,6 +611,8 @@ def one_run(slot: str, workload: str, round_no: int, corpus: dict, workdir: Path
             if warm.returncode != 0:
                 raise BenchError(f"{slot}: warm-up storescu exit code {warm.returncode}\n"
                                  f"{warm.stderr.strip()}\n{server.log_tail()}")
+            if server.kind == "dicomagent":
+                server.wait_indexed(1)      # its indexer process starts with the first object
         before, busy_before = server.cpu_times(), machine_busy_seconds()
         sent = run_storescu(storescu_argv(server, info["path"]), env, args.timeout, client_cpus)
         seconds = sent.seconds
