@@ -359,6 +359,22 @@ class AcceptorAssociation(Association):
         """Abort an idle association only when no operation is in progress."""
         return self._busy == 0 and self.assembler.idle
 
+    def on_release_indication(self, indication) -> None:
+        """A-RELEASE indication. The archive indexes an object just after acknowledging
+        it; what this association stored is in the index before the A-RELEASE-RP goes
+        out, so that once a sender's association is released, a query from anywhere
+        (another association, ``dicomagent ls``) finds what it sent."""
+        pending = (self.agent.archive.caught_up() if self.counts["C-STORE stored"]
+                   else None)
+        if pending is None:
+            super().on_release_indication(indication)
+        else:
+            self.when_done(pending, lambda _: self._release_once_indexed(indication))
+
+    def _release_once_indexed(self, indication) -> None:
+        if self.connection.state is State.Sta8:     # not aborted meanwhile
+            super().on_release_indication(indication)
+
     def on_associate_indication(self, indication: AAssociateIndication) -> None:
         rq = indication.rq
         self.calling_ae_title = rq.calling_ae_title

@@ -234,11 +234,11 @@ async def get(host: str, port: int, calling: str, called: str, out_dir: str,
         if incoming.failure or incoming.fd < 0:
             status = 0xA700
         else:
+            name = re.sub(r"[^0-9.]", "_", request.AffectedSOPInstanceUID or "x")[:64] + ".dcm"
+            final = os.path.join(os.path.abspath(out_dir), name)
+            incoming.put_in_place(final)
             os.close(incoming.fd)
             incoming.fd = -1
-            name = re.sub(r"[^0-9.]", "_", request.AffectedSOPInstanceUID or "x")[:64] + ".dcm"
-            final = os.path.join(out_dir, name)
-            os.replace(incoming.path, final)
             received_paths.append(final)
         association.send_message(context.context_id, C_STORE_RSP(
             AffectedSOPClassUID=request.AffectedSOPClassUID,

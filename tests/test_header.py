@@ -14,7 +14,7 @@ import pytest
 from pydicom.data import get_testdata_files
 from pydicom.dataset import FileMetaDataset
 
-from dicomagent.archive import record_from_dataset
+from dicomagent.archive.indexer import record_from_dataset
 from dicomagent.archive.header import record_from_head
 from dicomagent.archive.keys import INDEXED_TAGS
 from dicomagent.archive.part10 import read_file_meta

@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
-from dicomagent.archive import record_from_dataset
+from dicomagent.archive.indexer import record_from_dataset
 from dicomagent.archive.index import SQLiteIndex
 from dicomagent.archive.query import QueryError, plan_query
 from dicomagent.services.qr import build_response, encode_response

@@ -60,7 +60,6 @@ import logging
 import os
 import queue
 import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -192,7 +191,6 @@ class Archive:
         self.pending_marker = os.path.join(self.data_dir, "index.pending")
         os.makedirs(self.tmp_dir, exist_ok=True)
         os.makedirs(self.archive_dir, exist_ok=True)
-        self._tmp_fd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
         self.index = SQLiteIndex(os.path.join(self.data_dir, "index.sqlite"),
                                  durable=settings.fsync)
         self._free_checked_at = 0.0
@@ -413,7 +411,7 @@ class Archive:
         if self.settings.fsync:
             os.fdatasync(incoming.fd)       # data and size; the mtime need not wait
         try:
-            self._name(incoming, filing.final_path)
+            incoming.put_in_place(filing.final_path)
             made = []
         except FileNotFoundError:           # the series' first object: make its directories
             directory = os.path.dirname(filing.final_path)
@@ -423,34 +421,13 @@ class Archive:
                 made.append(os.path.dirname(missing))
                 missing = os.path.dirname(missing)
             os.makedirs(directory, exist_ok=True)
-            self._name(incoming, filing.final_path)
+            incoming.put_in_place(filing.final_path)
         os.close(incoming.fd)
         incoming.fd = -1
         incoming.path = ""
         if self.settings.fsync:
             for directory in [os.path.dirname(filing.final_path), *made]:
                 _fsync_directory(directory)
-
-    def _name(self, incoming: IncomingFile, final_path: str) -> None:
-        """Give the received file its final name. A named temporary file is renamed; an
-        unnamed one (``O_TMPFILE``) is linked: linkat(2) through /proc/self/fd (a
-        directory fd makes Python call linkat, which follows that link). A link never
-        replaces a file: when one is there (``on_duplicate = "replace"``, or two copies
-        at once), link in ``tmp/`` and rename over it."""
-        if incoming.named:
-            os.replace(incoming.path, final_path)
-            return
-        source = f"/proc/self/fd/{incoming.fd}"
-        try:
-            os.link(source, final_path, src_dir_fd=self._tmp_fd, follow_symlinks=True)
-        except FileExistsError:
-            staged = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
-            os.link(source, staged, src_dir_fd=self._tmp_fd, follow_symlinks=True)
-            try:
-                os.replace(staged, final_path)
-            except OSError:
-                os.unlink(staged)
-                raise
 
     # --- the worker thread: indexing -----------------------------------------------------
 
@@ -689,7 +666,6 @@ class Archive:
         if self._read_db is not None:
             self._read_db.close()
         self.index.close()
-        os.close(self._tmp_fd)
         if self._alone and not self._index_failed:
             os.unlink(self.pending_marker)
         self._lock.close()

@@ -66,6 +66,19 @@ def create_temporary(tmp_dir: str, suffix: str = ".part") -> tuple[str, int, boo
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), True
 
 
+#: Any directory: given as a directory fd, it makes Python call linkat(2) (with no
+#: directory fd, ``os.link`` calls link(2), which would link the /proc symlink itself).
+_ROOT_FD: int | None = None
+
+
+def _link_following(source: str, target: str) -> None:
+    """linkat(AT_FDCWD, source, AT_FDCWD, target, AT_SYMLINK_FOLLOW) for absolute paths."""
+    global _ROOT_FD
+    if _ROOT_FD is None:
+        _ROOT_FD = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    os.link(source, target, src_dir_fd=_ROOT_FD, follow_symlinks=True)
+
+
 class IncomingFile:
     """One C-STORE data set being received into ``tmp_dir``.
 
@@ -73,7 +86,7 @@ class IncomingFile:
     the data set cannot be kept; the remaining fragments are then dropped.
     """
 
-    __slots__ = ("path", "fd", "named", "write_ahead", "written_back", "head", "size", "data_offset", "failure",
+    __slots__ = ("tmp_dir", "path", "fd", "named", "write_ahead", "written_back", "head", "size", "data_offset", "failure",
                  "sop_class_uid", "sop_instance_uid", "transfer_syntax", "calling_ae_title",
                  "received_at")
 
@@ -91,6 +104,7 @@ class IncomingFile:
                                        calling_ae_title or None)
         self.data_offset = len(header)
         self.size = len(header)
+        self.tmp_dir = tmp_dir
         self.fd = -1
         self.path = ""
         self.named = False
@@ -110,7 +124,7 @@ class IncomingFile:
                 calling_ae_title: str = "") -> "IncomingFile":
         """A sink that drops the data set (e.g. not enough free space: A700)."""
         incoming = cls.__new__(cls)
-        incoming.path = ""
+        incoming.tmp_dir = incoming.path = ""
         incoming.fd = -1
         incoming.named = incoming.write_ahead = False
         incoming.written_back = 0
@@ -146,6 +160,29 @@ class IncomingFile:
             os.posix_fadvise(self.fd, self.written_back, end - self.written_back,
                              os.POSIX_FADV_DONTNEED)
             self.written_back = end
+
+    def put_in_place(self, final_path: str) -> None:
+        """Give the received file its final name (the directory must exist).
+
+        A named temporary file is renamed. An unnamed one (``O_TMPFILE``) is
+        linked: linkat(2) with AT_SYMLINK_FOLLOW through /proc/self/fd. A link
+        never replaces a file: when one is there (a duplicate to replace, or
+        two copies at once), it is linked under a temporary name in ``tmp/``
+        (where a crash leaves it to the next start's clean-up) and renamed over it.
+        """
+        if self.named:
+            os.replace(self.path, final_path)
+            return
+        try:
+            _link_following(self.path, final_path)
+        except FileExistsError:
+            staged = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
+            _link_following(self.path, staged)
+            try:
+                os.replace(staged, final_path)
+            except OSError:
+                os.unlink(staged)
+                raise
 
     def finish(self) -> "IncomingFile":
         return self
