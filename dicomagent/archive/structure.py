@@ -87,41 +87,58 @@ def check_structure(head: bytes, size: int, transfer_syntax: str, path: str | No
     return found
 
 
+#: Element headers by byte order (True: little endian): explicit VR (tag, VR, 2-byte
+#: length), implicit VR and items (tag, 4-byte length), and a 4-byte length alone.
+_EXPLICIT_HEADER = {True: struct.Struct("<HH2sH"), False: struct.Struct(">HH2sH")}
+_IMPLICIT_HEADER = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}
+_U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
+
+
 def _walk(source: _Source, position: int, end: int, implicit: bool, little: bool,
           depth: int, stop_at_delimiter: bool, wanted: frozenset[int] = frozenset(),
           found: dict | None = None) -> int:
     """Walk elements from ``position`` to ``end`` (or to an item delimiter); keep the
-    values of ``wanted`` tags in ``found`` (the top level passes them)."""
+    values of ``wanted`` tags in ``found`` (the top level passes them).
+
+    Headers inside the in-memory head are read from it directly (this runs for
+    every stored object, on the event loop); past it, from the file.
+    """
     if depth > MAX_DEPTH:
         raise StructureError("sequences nested deeper than 64")
-    order = "<" if little else ">"
-    tag_struct = struct.Struct(order + "HH")
-    u32 = struct.Struct(order + "I")
-    u16 = struct.Struct(order + "H")
+    explicit_header, implicit_header, u32 = (_EXPLICIT_HEADER[little], _IMPLICIT_HEADER[little],
+                                             _U32[little])
+    head = source.head
+    in_memory = len(head)
     while position < end:
         if end - position < 8:
             raise StructureError(f"{end - position} stray bytes at offset {position}")
-        header = source.read(position, 8)
-        group, element = tag_struct.unpack_from(header)
+        if position + 12 <= in_memory:
+            header, at = head, position
+        else:
+            header, at = source.read(position, min(12, end - position)), 0
+        if implicit:
+            group, element, length = implicit_header.unpack_from(header, at)
+            vr = b""
+            position += 8
+        else:
+            group, element, vr, length = explicit_header.unpack_from(header, at)
+            if group == 0xFFFE:             # items and delimiters have no VR
+                (length,) = u32.unpack_from(header, at + 4)
+                vr = b""
+                position += 8
+            elif vr in LONG_VRS:
+                if end - position < 12:
+                    raise StructureError(f"element ({group:04X},{element:04X}) header truncated")
+                (length,) = u32.unpack_from(header, at + 8)
+                position += 12
+            else:
+                position += 8
         tag = group << 16 | element
         if tag == ITEM_DELIMITATION:
             if not stop_at_delimiter:
-                raise StructureError(f"item delimiter outside an item at offset {position}")
-            return position + 8
-        vr = b""
-        if implicit or group == 0xFFFE:
-            (length,) = u32.unpack_from(header, 4)
-            position += 8
-        else:
-            vr = header[4:6]
-            if vr in LONG_VRS:
-                if end - position < 12:
-                    raise StructureError(f"element ({group:04X},{element:04X}) header truncated")
-                (length,) = u32.unpack_from(source.read(position + 8, 4))
-                position += 12
-            else:
-                (length,) = u16.unpack_from(header, 6)
-                position += 8
+                raise StructureError(f"item delimiter outside an item at offset "
+                                     f"{position - 8}")
+            return position
         if length == UNDEFINED:
             if vr not in (b"SQ", b"UN", b"OB", b"OW", b""):
                 raise StructureError(f"undefined length on ({group:04X},{element:04X}) {vr!r}")
@@ -136,7 +153,7 @@ def _walk(source: _Source, position: int, end: int, implicit: bool, little: bool
             found[tag] = source.read(position, length)
         if vr == b"SQ":
             _walk_items(source, position, position + length, implicit, little, depth + 1)
-        elif implicit and _is_sequence_value(source, position, length, little):
+        elif implicit and length >= 8 and _is_sequence_value(source, position, little):
             # Interpretation: PS3.5 §7.1.3 — with implicit VR only the data
             # dictionary tells a sequence; a value that starts with an Item tag is
             # walked as one, and left opaque if it does not parse as items.
@@ -148,11 +165,12 @@ def _walk(source: _Source, position: int, end: int, implicit: bool, little: bool
     return position
 
 
-def _is_sequence_value(source: _Source, position: int, length: int, little: bool) -> bool:
-    """Implicit VR: a defined-length value that starts with an Item tag is a sequence."""
-    if length < 8:
-        return False
-    group, element = struct.unpack_from("<HH" if little else ">HH", source.read(position, 4))
+def _is_sequence_value(source: _Source, position: int, little: bool) -> bool:
+    """Implicit VR: a defined-length value (of 8 bytes or more) that starts with an Item
+    tag is a sequence."""
+    head = source.head
+    data, at = (head, position) if position + 4 <= len(head) else (source.read(position, 4), 0)
+    group, element = struct.unpack_from("<HH" if little else ">HH", data, at)
     return (group << 16 | element) == ITEM
 
 
