@@ -372,6 +372,9 @@ def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Receiving comes first: the event loop answers senders, the index can trail (by
+    # MAX_BACKLOG objects at most), so on a busy machine this process yields the CPU.
+    os.nice(10)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: "
                                                 "%(message)s")
     index = SQLiteIndex(index_path, durable=False)
