@@ -15,6 +15,7 @@ PS3.10 §7.1 (DICOM File Meta Information), Table 7.1-1.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from dicomagent.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -47,17 +48,26 @@ def file_meta_information(sop_class_uid: str, sop_instance_uid: str, transfer_sy
     Implementation Class UID, (0002,0013) Implementation Version Name,
     (0002,0016) Source Application Entity Title.
     """
-    body = b"".join((
-        _element(0x0001, "OB", b"\x00\x01"),
-        _element(0x0002, "UI", _text(sop_class_uid, b"\x00")),
-        _element(0x0003, "UI", _text(sop_instance_uid, b"\x00")),
-        _element(0x0010, "UI", _text(transfer_syntax, b"\x00")),
-        _element(0x0012, "UI", _text(IMPLEMENTATION_CLASS_UID, b"\x00")),
-        _element(0x0013, "SH", _text(IMPLEMENTATION_VERSION_NAME, b" ")),
-        _element(0x0016, "AE", _text(source_ae_title, b" ")) if source_ae_title else b"",
-    ))
+    before, after = _elements_around_the_instance(sop_class_uid, transfer_syntax,
+                                                  source_ae_title)
+    body = before + _element(0x0003, "UI", _text(sop_instance_uid, b"\x00")) + after
     group_length = _element(0x0000, "UL", struct.pack("<I", len(body)))
     return PREAMBLE + PREFIX + group_length + body
+
+
+@functools.lru_cache(maxsize=256)
+def _elements_around_the_instance(sop_class_uid: str, transfer_syntax: str,
+                                  source_ae_title: str | None) -> tuple[bytes, bytes]:
+    """The elements before and after (0002,0003): the same for every object a sender
+    sends in one SOP class and transfer syntax (made once; the header is written for
+    every received object)."""
+    return (_element(0x0001, "OB", b"\x00\x01")
+            + _element(0x0002, "UI", _text(sop_class_uid, b"\x00")),
+            _element(0x0010, "UI", _text(transfer_syntax, b"\x00"))
+            + _element(0x0012, "UI", _text(IMPLEMENTATION_CLASS_UID, b"\x00"))
+            + _element(0x0013, "SH", _text(IMPLEMENTATION_VERSION_NAME, b" "))
+            + (_element(0x0016, "AE", _text(source_ae_title, b" ")) if source_ae_title
+               else b""))
 
 
 class NotPart10Error(ValueError):
