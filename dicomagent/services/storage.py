@@ -146,7 +146,8 @@ def service(settings) -> ServiceClass:
 
 #: C-STORE-RSP statuses (seed Table 67); the archive decides them (``dicomagent.archive``).
 STATUSES = (
-    Status(SUCCESS, "Stored: on stable storage and in the index"),
+    Status(SUCCESS, "Stored: on stable storage (storage.fsync), in the index a moment "
+                    "later, before the association is released"),
     Status(WARNING_COERCED_MISMATCH, "Stored, although the data set's SOP Class/Instance UID "
                                      "differ from the command (storage.accept_mismatch)"),
     Status(OUT_OF_RESOURCES, "Out of resources: less free space than storage.min_free_mb, "
