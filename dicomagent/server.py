@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import os
 import signal
@@ -125,6 +126,10 @@ class Agent:
                                                reuse_address=True, backlog=512)
         log.info("listening on %s:%d as %s (data dir %s)", agent.host, self.port,
                  agent.ae_title, agent.data_dir)
+        # What exists now (modules, pydicom's dictionaries, the configuration) lives as
+        # long as the daemon: out of the collector's sight, a full collection does not
+        # walk it again every few thousand objects stored.
+        gc.freeze()
         self.reporter.start()
         self.forwarder.start()
         if self.config.mpps.lifetime_days or self.config.gp.lifetime_days:
