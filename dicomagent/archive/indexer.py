@@ -21,6 +21,7 @@ Seed Tables 41-48 (what is indexed); PS3.10 §7 (the files read here).
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -378,6 +379,7 @@ def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: "
                                                 "%(message)s")
     index = SQLiteIndex(index_path, durable=False)
+    gc.freeze()                     # pydicom's dictionaries: out of full collections
     unanswered: list[IndexResult] = []
     through = 0
     answered_at = marked_at = time.monotonic()
