@@ -86,12 +86,14 @@ def open_c_store_sink(association, context, command: C_STORE_RQ):
 def handle_c_store(association, context, received) -> None:
     """PS3.4 B.2: file the received data set, then answer with its status.
 
-    Filing is done at once when it is only a header walk and a rename;
-    otherwise (flushes with ``storage.fsync``) the archive's filer thread
-    does it and the response goes out from its completion (``when_done``).
+    Filing is done at once when it is only a header walk and a link (or the
+    association is the only one: ``Archive.receive``); otherwise (flushes
+    with ``storage.fsync``) the archive's filer thread does it and the
+    response goes out from its completion (``when_done``).
     """
     request: C_STORE_RQ = received.command
-    outcome = association.agent.archive.receive(received.data_set)
+    agent = association.agent
+    outcome = agent.archive.receive(received.data_set, alone=len(agent.associations) == 1)
     if type(outcome) is StoreResult:
         _respond(association, context, request, outcome)
     else:
