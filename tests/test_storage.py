@@ -963,6 +963,33 @@ def test_large_object_streams_to_disk(agent_factory, big_file):
         stored.unlink(missing_ok=True)
 
 
+def test_four_senders_at_once(agent, tmp_path):
+    """Four storescu processes at once, 60 objects each (fsync on, the default): with more
+    than one association open the flushes go to the filer threads. Every object is
+    acknowledged, filed and indexed once each sender's association is released."""
+    senders = []
+    expected = set()
+    for sender in range(4):
+        folder = tmp_path / f"sender{sender}"
+        folder.mkdir()
+        ds = make_dataset("sc", EXPLICIT_VR_LITTLE_ENDIAN, patient_id=f"AT-ONCE-{sender}")
+        for number in range(60):
+            ds.SOPInstanceUID = new_uid()
+            ds.InstanceNumber = number + 1
+            write_part10(ds, folder / f"{number:02d}.dcm", EXPLICIT_VR_LITTLE_ENDIAN)
+            expected.add(ds.SOPInstanceUID)
+        senders.append(subprocess.Popen(
+            ["storescu", "-R", "-xe", "+sd", "-aet", f"SENDER{sender}", "-aec",
+             agent.ae_title, agent.host, str(agent.port), str(folder)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for sender in senders:
+        out, _ = sender.communicate(timeout=120)
+        assert sender.returncode == 0, out
+    rows = _read_index_rows(agent.data_dir)       # no waiting: released means indexed
+    assert expected <= set(rows)
+    assert_archive_consistent(agent.data_dir)
+
+
 # === 5. durability: kill -9, restart, recovery ================================================
 
 def test_kill_9_while_receiving_then_restart(agent_factory, tmp_path, big_file):
