@@ -11,11 +11,12 @@ What is proved here, against real peers (STYLE.md, "Tests"):
 - ``dicomagent store`` -> ``dicomagent serve``: ``--ts`` conversions, and duplicates
   (``storage.on_duplicate`` keep / replace);
 - a 300 MiB object streams to disk without the daemon's memory growing with it;
-- durability (``dicomagent.archive`` docstring): ``kill -9`` while an object arrives loses
-  nothing that was acknowledged, and the next start leaves ``tmp/`` empty and the index and
-  the files in agreement; the crash between index commit and rename is finished at start;
-  a rename that fails takes its index row back; ``dicomagent ls`` on a running daemon's data
-  dir leaves the data set being received alone;
+- durability (``dicomagent.archive`` docstring): ``kill -9`` while an object arrives, or in
+  the middle of a burst, loses nothing that was acknowledged, and the next start leaves
+  ``tmp/`` empty and the index and the files in agreement; objects filed but not yet indexed
+  when the daemon died (or when its indexer process died) are indexed at the next start; a
+  link that fails leaves no index row; ``dicomagent ls`` on a running daemon's data dir
+  leaves the data set being received alone; four senders at once are all filed and indexed;
 - the C-STORE statuses of seed Table 67 (A700, A900, B007, C000), each leaving nothing
   behind and the daemon answering;
 - ``dicomagent import`` and ``dicomagent ls``.
@@ -35,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import struct
@@ -713,6 +713,21 @@ def wait_for_growing_data_set(node, sender: subprocess.Popen, timeout: float = 2
                          f"within {timeout:g} s")
 
 
+def kill_9_while_sending(node, sender: subprocess.Popen, until):
+    """``kill -9`` the daemon as soon as ``until()`` returns (while ``sender`` sends), let
+    the sender end; returns what ``until()`` returned."""
+    try:
+        seen = until()
+        os.kill(node.pid, signal.SIGKILL)
+        node.process.wait(10)
+        sender.communicate(timeout=30)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    return seen
+
+
 # === 1. DCMTK storescu -> dicomagent serve ====================================================
 
 @pytest.mark.parametrize("ts_name", ["implicit", "explicit", "big"])
@@ -1003,15 +1018,7 @@ def test_kill_9_while_receiving_then_restart(agent_factory, tmp_path, big_file):
     assert tmp_files(node.data_dir) == []
 
     sender = start_storescu(node, big_file.path)
-    try:
-        seen = wait_for_growing_data_set(node, sender)
-        os.kill(node.pid, signal.SIGKILL)
-        node.process.wait(10)
-        sender.communicate(timeout=30)
-    finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
+    seen = kill_9_while_sending(node, sender, lambda: wait_for_growing_data_set(node, sender))
     assert sender.returncode != 0
     # The daemon died in the middle of the data set, not after it.
     assert seen < big_file.path.stat().st_size
@@ -1075,19 +1082,15 @@ def test_kill_9_in_the_middle_of_a_burst_loses_nothing_acknowledged(agent_factor
     sender = subprocess.Popen(["storescu", "-R", "-xe", "+sd", "-aet", "BURST", "-aec",
                                node.ae_title, node.host, str(node.port), str(folder)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def half_filed():
         deadline = time.monotonic() + 60
         while len(archive_files(node.data_dir)) < 300:
             assert sender.poll() is None, "the sender ended before half was filed"
             assert time.monotonic() < deadline, "half of the burst never arrived"
             time.sleep(0.002)
-        os.kill(node.pid, signal.SIGKILL)
-        node.process.wait(10)
-        sender.communicate(timeout=30)
-    finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
+
+    kill_9_while_sending(node, sender, half_filed)
     filed = archive_files(node.data_dir)
     assert 300 <= len(filed) < 600
     agent_factory(data_dir=node.data_dir)

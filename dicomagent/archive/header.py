@@ -161,13 +161,7 @@ def record_from_head(head: bytes, transfer_syntax: str, complete: bool = False
             values[level][key.keyword] = text
     except (UnicodeDecodeError, ValueError, struct.error):
         return None
-    if charset_json is not None:
-        for level_attrs in attrs.values():
-            if level_attrs:
-                level_attrs["00080005"] = charset_json
-    return InstanceRecord(values["patient"], values["study"], values["series"],
-                          values["instance"], attrs["patient"], attrs["study"], attrs["series"],
-                          attrs["instance"], charset)
+    return InstanceRecord.of_levels(values, attrs, charset, charset_json)
 
 
 def uids_from_record(record: InstanceRecord) -> tuple[str, str, str, str]:

@@ -56,6 +56,20 @@ class InstanceRecord:
     def sop_instance_uid(self) -> str:
         return self.instance["SOPInstanceUID"]
 
+    @classmethod
+    def of_levels(cls, values: dict, attrs: dict, charset: str,
+                  charset_json: dict | None) -> "InstanceRecord":
+        """A record from per-level text values and DICOM JSON attributes (keys "patient"
+        … "instance"); each level's JSON that has attributes also gets the Specific
+        Character Set (``charset_json``, when the data set has one)."""
+        if charset_json is not None:
+            for level_attrs in attrs.values():
+                if level_attrs:
+                    level_attrs["00080005"] = charset_json
+        return cls(values["patient"], values["study"], values["series"], values["instance"],
+                   attrs["patient"], attrs["study"], attrs["series"], attrs["instance"],
+                   charset)
+
 
 class Index:
     """The interface every index backend implements."""

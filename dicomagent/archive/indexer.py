@@ -37,6 +37,7 @@ from dicomagent.archive.header import record_from_head, uids_from_record
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
 from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
                                      STUDY_KEYS)
+from dicomagent.archive.query import text_value
 
 log = logging.getLogger("dicomagent.archive")
 
@@ -73,15 +74,6 @@ class IndexResult:
     duplicate: bool
 
 
-def _text(element) -> str:
-    value = element.value
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
 #: Index key tag -> (level, is a sequence), from the seed's tables (``keys``).
 _KEY_LEVELS = {key.tag: (level, key.is_sequence)
                for level, keys in (("patient", PATIENT_KEYS), ("study", STUDY_KEYS),
@@ -104,7 +96,7 @@ def record_from_dataset(ds: pydicom.Dataset) -> InstanceRecord:
         tag = element.tag
         if tag == 0x00080005:
             charset_json = element.to_json_dict(None, 1 << 20)
-            charset = _text(element)
+            charset = text_value(element)
             continue
         found = _KEY_LEVELS.get(tag)
         if found is None:
@@ -112,14 +104,8 @@ def record_from_dataset(ds: pydicom.Dataset) -> InstanceRecord:
         level, is_sequence = found
         attrs[level][f"{tag:08X}"] = element.to_json_dict(None, 1 << 20)
         if not is_sequence:
-            values[level][element.keyword] = _text(element)
-    if charset_json is not None:
-        for level_attrs in attrs.values():
-            if level_attrs:
-                level_attrs["00080005"] = charset_json
-    return InstanceRecord(values["patient"], values["study"], values["series"],
-                          values["instance"], attrs["patient"], attrs["study"], attrs["series"],
-                          attrs["instance"], charset)
+            values[level][element.keyword] = text_value(element)
+    return InstanceRecord.of_levels(values, attrs, charset, charset_json)
 
 
 def parse_file(path: str) -> pydicom.Dataset:
