@@ -23,6 +23,7 @@ from dicomagent.association import AssociationError, associate
 from dicomagent.listener import Listener
 from dicomagent.dimse.commands import (DATA_SET_PRESENT, N_ACTION_RQ, N_EVENT_REPORT_RQ,
                                        N_EVENT_REPORT_RSP)
+from dicomagent.dimse.status import PROCESSING_FAILURE
 from dicomagent.services.commitment import (REQUEST_STORAGE_COMMITMENT,
                                             STORAGE_COMMITMENT_INSTANCE,
                                             STORAGE_COMMITMENT_PUSH_MODEL)
@@ -84,9 +85,9 @@ async def commit(host: str, port: int, calling: str, called: str,
         try:
             ds = decode(received.data_set or b"", context.transfer_syntax)
             if str(ds.get("TransactionUID", "")) != result.transaction_uid:
-                status = 0x0110
+                status = PROCESSING_FAILURE
         except Exception:  # noqa: BLE001 - a report we cannot read
-            status = 0x0110
+            status = PROCESSING_FAILURE
             ds = None
         association.send_message(context.context_id, N_EVENT_REPORT_RSP(
             AffectedSOPClassUID=STORAGE_COMMITMENT_PUSH_MODEL,

@@ -32,14 +32,12 @@ import pydicom
 
 from dicomagent.association import AssociationError, associate
 from dicomagent.background import QueueWorker
-from dicomagent.dimse.status import StatusCategory, category
+from dicomagent.dimse.status import DUPLICATE_SOP_INSTANCE, StatusCategory, category
 from dicomagent.normalized import n_create, n_set
 from dicomagent.ul.negotiation import ProposedContext
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
 
 log = logging.getLogger("dicomagent.forward")
-
-DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 class Forwarder(QueueWorker):

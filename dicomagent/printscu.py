@@ -38,7 +38,8 @@ from dicomagent.config import PrintSettings
 from dicomagent.dimse.commands import (NO_DATA_SET, N_ACTION_RQ, N_CREATE_RQ,
                                        N_DELETE_RQ, N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP,
                                        N_GET_RQ, N_SET_RQ)
-from dicomagent.dimse.status import StatusCategory, category
+from dicomagent.dimse.status import (NO_SUCH_EVENT_TYPE, NO_SUCH_SOP_CLASS, StatusCategory,
+                                     category)
 from dicomagent.render import Rendered
 from dicomagent.transcode import UNCOMPRESSED, decode, encode
 from dicomagent.ul.negotiation import ProposedContext
@@ -304,9 +305,9 @@ class PrintJob:
             else:
                 log.info("%s", text)
         elif request.AffectedSOPClassUID == PRINTER:
-            status = 0x0113                                   # no such event type
+            status = NO_SUCH_EVENT_TYPE
         elif request.AffectedSOPClassUID != PRINT_JOB:
-            status = 0x0118                                   # no such SOP class
+            status = NO_SUCH_SOP_CLASS
         association.send_message(context.context_id, N_EVENT_REPORT_RSP(
             AffectedSOPClassUID=request.AffectedSOPClassUID,
             MessageIDBeingRespondedTo=request.MessageID, Status=status,

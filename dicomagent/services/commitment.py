@@ -32,7 +32,9 @@ from dicomagent.association import AssociationError, associate
 from dicomagent.background import QueueWorker
 from dicomagent.dimse.commands import (DATA_SET_PRESENT, N_ACTION_RQ, N_ACTION_RSP,
                                        N_EVENT_REPORT_RQ)
-from dicomagent.dimse.status import StatusCategory, category
+from dicomagent.dimse.status import (INVALID_ATTRIBUTE_VALUE, INVALID_OBJECT_INSTANCE,
+                                     MISSING_ATTRIBUTE, NO_SUCH_ACTION_TYPE,
+                                     StatusCategory, category)
 from dicomagent.services import Initiation, ServiceClass, Status
 from dicomagent.transcode import decode, encode
 from dicomagent.ul.negotiation import ProposedContext
@@ -46,14 +48,9 @@ STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 REQUEST_STORAGE_COMMITMENT = 1
 ALL_COMMITTED, FAILURES_EXIST = 1, 2
 
-# N-ACTION-RSP statuses: seed Table 69 and PS3.7 C.5 for malformed requests.
+# N-ACTION-RSP statuses: seed Table 69 and PS3.7 C.5 (``dimse.status``) for malformed requests.
 SUCCESS = 0x0000
 FAILED = 0xA900
-NO_SUCH_ACTION_TYPE = 0x0123
-INVALID_OBJECT_INSTANCE = 0x0117
-NO_SUCH_SOP_CLASS = 0x0118
-MISSING_ATTRIBUTE = 0x0120
-INVALID_ATTRIBUTE_VALUE = 0x0106
 
 #: Back-off for a requester that cannot be reached: 10 s doubling up to an hour.
 FIRST_RETRY, LAST_RETRY = 10.0, 3600.0

@@ -43,11 +43,13 @@ from pydicom.uid import generate_uid
 from dicomagent.archive import worklist
 from dicomagent.archive.workflow import DuplicateInstance, UnknownInstance
 from dicomagent.dimse.commands import C_FIND_RQ, N_ACTION_RQ, N_CREATE_RQ, N_SET_RQ
+from dicomagent.dimse.status import (DUPLICATE_SOP_INSTANCE, INVALID_ATTRIBUTE_VALUE,
+                                     MISSING_ATTRIBUTE, NO_SUCH_ACTION_TYPE, NO_SUCH_SOP_CLASS,
+                                     NO_SUCH_SOP_INSTANCE)
 from dicomagent.services import Initiation, KeyGroup, ServiceClass, Status
 from dicomagent.services.mwl import FIND_STATUSES, c_find_handler
-from dicomagent.services.procedure import (FAILED, NO_SUCH_SOP_CLASS, PATIENT_KEYS, SUCCESS,
-                                           Refused, answer, coerce_patient, data_set_json,
-                                           text_of)
+from dicomagent.services.procedure import (FAILED, PATIENT_KEYS, SUCCESS, Refused, answer,
+                                           coerce_patient, data_set_json, text_of)
 
 log = logging.getLogger("dicomagent.gp")
 
@@ -64,11 +66,6 @@ ALREADY_IN_PROGRESS = 0xA503
 SPS_NOT_IN_PROGRESS = 0xA504
 TRANSACTION_UID_MISMATCH = 0xA505
 PPS_NOT_IN_PROGRESS = 0xA506
-NO_SUCH_ACTION_TYPE = 0x0123
-NO_SUCH_SOP_INSTANCE = 0x0112
-DUPLICATE_SOP_INSTANCE = 0x0111
-MISSING_ATTRIBUTE = 0x0120
-INVALID_ATTRIBUTE_VALUE = 0x0106
 
 SCHEDULED, IN_PROGRESS, SUSPENDED = "SCHEDULED", "IN PROGRESS", "SUSPENDED"
 COMPLETED, DISCONTINUED = "COMPLETED", "DISCONTINUED"

@@ -37,20 +37,16 @@ from pydicom.uid import generate_uid
 
 from dicomagent.archive.workflow import DuplicateInstance, Outgoing, UnknownInstance
 from dicomagent.dimse.commands import N_CREATE_RQ, N_SET_RQ
+from dicomagent.dimse.status import (DUPLICATE_SOP_INSTANCE, INVALID_ATTRIBUTE_VALUE,
+                                     MISSING_ATTRIBUTE, NO_SUCH_SOP_CLASS, NO_SUCH_SOP_INSTANCE,
+                                     PROCESSING_FAILURE)
 from dicomagent.services import Initiation, ServiceClass, Status
-from dicomagent.services.procedure import (FAILED, NO_SUCH_SOP_CLASS, PATIENT_KEYS, SUCCESS,
-                                           Refused, answer, coerce_patient, data_set_json,
-                                           text_of)
+from dicomagent.services.procedure import (FAILED, PATIENT_KEYS, SUCCESS, Refused, answer,
+                                           coerce_patient, data_set_json, text_of)
 
 log = logging.getLogger("dicomagent.mpps")
 
 MODALITY_PERFORMED_PROCEDURE_STEP = "1.2.840.10008.3.1.2.3.3"
-
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
-NO_SUCH_SOP_INSTANCE = 0x0112
-MISSING_ATTRIBUTE = 0x0120
-INVALID_ATTRIBUTE_VALUE = 0x0106
 
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
 FINAL = (COMPLETED, DISCONTINUED)

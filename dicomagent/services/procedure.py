@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 
 from dicomagent.dimse.commands import MESSAGES, N_ACTION_RQ
+from dicomagent.dimse.status import NO_SUCH_SOP_CLASS
 from dicomagent.transcode import decode
 
 log = logging.getLogger("dicomagent.procedure")
 
 SUCCESS = 0x0000
 FAILED = 0xA900                  # seed Tables 71-72: "Operation failed"
-NO_SUCH_SOP_CLASS = 0x0118       # PS3.7 C.5: the request names another SOP class
 
 
 #: Patient identification a performed step takes from the step it performs (seed 3.1.3.6.3,
