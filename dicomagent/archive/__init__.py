@@ -133,6 +133,12 @@ def _uid_value(raw) -> str:
     return bytes(raw).rstrip(b"\x00 ").decode("ascii", "replace")
 
 
+def _uids_of(ds: pydicom.Dataset) -> list[str]:
+    """SOP Class, SOP Instance, Study and Series Instance UIDs of a parsed data set."""
+    return [str(ds.get(keyword, "")) for keyword in
+            ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+
+
 def parse_incoming(incoming: IncomingFile) -> pydicom.Dataset:
     """Parse the header attributes of a received data set (pixel data not read).
 
@@ -351,10 +357,7 @@ class Archive:
             if size == 0:
                 raise StructureError("empty data set")
             if incoming.transfer_syntax == DEFLATED:
-                ds = parse_incoming(incoming)
-                uids = [str(ds.get(keyword, "")) for keyword in
-                        ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                         "SeriesInstanceUID")]
+                uids = _uids_of(parse_incoming(incoming))
             else:
                 found = check_structure(bytes(incoming.head), size, incoming.transfer_syntax,
                                         incoming.path, incoming.data_offset, _FILING_TAGS)
@@ -634,9 +637,7 @@ class Archive:
         try:
             with open(path, "rb") as handle:
                 meta, data_offset = read_file_meta(handle)
-            ds = parse_file(path)
-            uids = [str(ds.get(keyword, "")) for keyword in
-                    ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+            uids = _uids_of(parse_file(path))
         except Exception as error:  # noqa: BLE001 - not ours to judge now: leave it
             log.warning("%s: cannot be read to index it: %s", relative, error)
             return None
