@@ -55,6 +55,16 @@ def run(cmd: list[str], timeout: float = 30.0, **kwargs) -> subprocess.Completed
                     f"stdout: {error.stdout}\nstderr: {error.stderr}")
 
 
+_uid_counter = iter(range(1, 1 << 30))
+
+
+def new_uid() -> str:
+    """A fresh UID (pydicom's root; a counter keeps UIDs of one run apart)."""
+    import pydicom.uid
+    return pydicom.uid.generate_uid(entropy_srcs=[str(os.getpid()), str(time.time_ns()),
+                                                  str(next(_uid_counter))])
+
+
 def dicomagent_cmd(*args: str) -> list[str]:
     """The ``dicomagent`` command, through the interpreter running the tests."""
     return [sys.executable, "-m", "dicomagent", *args]
@@ -279,3 +289,19 @@ class AgentLauncher:
         self.nodes.clear()
         if problems:
             pytest.fail("\n".join(problems), pytrace=False)
+
+
+def wait_for_echo(node: "RunningNode") -> None:
+    """Wait until ``node`` answers C-ECHO (a bare TCP probe, as ``wait_for_port`` makes,
+    only gets a "DUL Finite State Machine Error" into dcmqrscp's log; dcmqrscp forks per
+    association)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if node.process.poll() is not None:
+            pytest.fail(f"{node.cmd} exited {node.process.returncode}:\n{node.log()}")
+        result = run(["echoscu", "-to", "2", "-aec", node.ae_title, node.host, str(node.port)])
+        if result.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{node.cmd} does not answer C-ECHO:\n{result.stderr}\n{node.log()}")
+        time.sleep(0.1)

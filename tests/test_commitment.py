@@ -50,7 +50,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -69,7 +68,7 @@ from dicomagent.transcode import decode, encode
 from dicomagent.uids import UNCOMPRESSED_TRANSFER_SYNTAXES
 from dicomagent.ul.negotiation import (AbstractSyntaxSupport, AcceptorPolicy, ProposedContext,
                                        accepted_contexts, negotiate)
-from nodes import HOST, RunningNode, dicomagent_cmd, free_port, require_binary, run, \
+from nodes import HOST, RunningNode, dicomagent_cmd, free_port, new_uid, require_binary, run, \
     start_listening
 
 SC = "1.2.840.10008.5.1.4.1.1.7"          # Secondary Capture Image Storage
@@ -87,14 +86,6 @@ ORTHANC_AET = "ORTHANC"
 AGENT_AET = "DICOMAGENT"
 #: Our AE title in Orthanc's DicomModalities, for ``dicomagent commit --listen-port``.
 COMMIT_SCU_AET = "COMMITSCU"
-
-_uid_counter = iter(range(1, 1 << 30))
-
-
-def new_uid() -> str:
-    return pydicom.uid.generate_uid(entropy_srcs=[str(os.getpid()), str(time.time_ns()),
-                                                  str(next(_uid_counter))])
-
 
 # --- synthetic instances ----------------------------------------------------------------------
 

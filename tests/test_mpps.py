@@ -53,7 +53,6 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import re
 import sqlite3
 import struct
@@ -69,7 +68,7 @@ from dicomagent.cli import main as cli_main
 from dicomagent.dimse.commands import DATA_SET_PRESENT, N_CREATE_RQ, N_SET_RQ, encode_command
 from dicomagent.normalized import n_create
 from dicomagent.ul.negotiation import ProposedContext
-from nodes import HOST, RunningNode, dicomagent_cmd, free_port, run
+from nodes import HOST, RunningNode, dicomagent_cmd, free_port, new_uid, run
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -85,14 +84,6 @@ FAILED = 0xA900
 FORWARDER_AET = "MPPSFWD"
 RIS_AET = "RIS"
 MODALITY_AET = "MODALITY"
-
-_uid_counter = iter(range(1, 1 << 30))
-
-
-def new_uid() -> str:
-    return pydicom.uid.generate_uid(entropy_srcs=[str(os.getpid()), str(time.time_ns()),
-                                                  str(next(_uid_counter))])
-
 
 # --- configurations ---------------------------------------------------------------------------
 

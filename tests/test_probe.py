@@ -44,8 +44,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from nodes import HOST, START_TIMEOUT, RunningNode, dicomagent_cmd, free_port, \
-    require_binary, run, start_listening
+from nodes import HOST, RunningNode, dicomagent_cmd, free_port, \
+    require_binary, run, start_listening, wait_for_echo
 
 #: The probe's calling AE title: the peers that send to us (C-MOVE, commitment) know it.
 PROBE_AET = "PROBESCU"
@@ -176,20 +176,6 @@ def dicom_files(directory: Path) -> list[Path]:
                 continue
             found.append(path)
     return found
-
-
-def wait_for_echo(node: RunningNode) -> None:
-    """Wait until ``node`` answers C-ECHO (dcmqrscp forks per association)."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if node.process.poll() is not None:
-            pytest.fail(f"{node.cmd} exited {node.process.returncode}:\n{node.log()}")
-        result = run(["echoscu", "-to", "2", "-aec", node.ae_title, node.host, str(node.port)])
-        if result.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{node.cmd} does not answer C-ECHO:\n{result.stderr}\n{node.log()}")
-        time.sleep(0.1)
 
 
 # --- worklist items ---------------------------------------------------------------------------

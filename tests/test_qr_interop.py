@@ -25,7 +25,6 @@ import re
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from nodes import HOST, START_TIMEOUT, RunningNode, dicomagent_cmd, free_port, require_binary, \
-    run, wait_for_port
+    run, wait_for_echo, wait_for_port
 
 ROOT = "1.2.826.0.1.3680043.8.498.7713."
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -872,21 +871,6 @@ AETable BEGIN
 QRSCP           {storage}       RW (200, 1024mb)   ANY
 AETable END
 """
-
-
-def wait_for_echo(node: RunningNode) -> None:
-    """Wait until ``node`` answers C-ECHO (a bare TCP probe, as ``wait_for_port`` makes,
-    only gets a "DUL Finite State Machine Error" into dcmqrscp's log)."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if node.process.poll() is not None:
-            pytest.fail(f"{node.cmd} exited {node.process.returncode}:\n{node.log()}")
-        result = run(["echoscu", "-to", "2", "-aec", node.ae_title, node.host, str(node.port)])
-        if result.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{node.cmd} does not answer C-ECHO:\n{result.stderr}\n{node.log()}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

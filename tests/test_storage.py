@@ -59,7 +59,7 @@ from dicomagent.uids import (EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN,
                              IMPLICIT_VR_LITTLE_ENDIAN)
 from dicomagent.ul.negotiation import ProposedContext
 from dicomagent.ul.pdu import MCH_LAST
-from nodes import (HOST, START_TIMEOUT, RunningNode, dicomagent_cmd, free_port,
+from nodes import (HOST, START_TIMEOUT, RunningNode, dicomagent_cmd, free_port, new_uid,
                    require_binary, run, wait_for_port)
 
 TS = {
@@ -85,15 +85,6 @@ BIG_ROWS = BIG_COLUMNS = 1024
 BIG_FRAMES = 300
 #: Generous bound on the daemon's peak RSS while it receives the large object.
 RSS_BOUND_KB = 150 * 1024
-
-_uid_counter = iter(range(1, 1 << 30))
-
-
-def new_uid() -> str:
-    """A fresh UID (pydicom's root; a counter keeps UIDs of one run apart)."""
-    return pydicom.uid.generate_uid(entropy_srcs=[str(os.getpid()), str(time.time_ns()),
-                                                  str(next(_uid_counter))])
-
 
 def output(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
