@@ -1268,6 +1268,7 @@ def _c000_cases():
                            EXPLICIT_VR_LITTLE_ENDIAN),
         "garbage-text": (CT, b"this is not a DICOM data set at all\n" * 40,
                          IMPLICIT_VR_LITTLE_ENDIAN),
+        "empty": (CT, b"", EXPLICIT_VR_LITTLE_ENDIAN),
     }
 
 

@@ -405,6 +405,7 @@ class Archive:
             source.seek(incoming.data_offset)
             while chunk := source.read(1 << 20):
                 new.write(chunk)
+        new.finish()
         if new.failure:
             new.discard()
             raise OSError(errno.EIO, new.failure)
@@ -692,6 +693,7 @@ class Archive:
                 handle.seek(data_offset)
                 while chunk := handle.read(1 << 20):
                     incoming.write(chunk)
+                incoming.finish()
         except (NotPart10Error, OSError) as error:
             return StoreResult(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {error}")
         outcome = self._receive_waiting(incoming)

@@ -1,10 +1,10 @@
 """A data set on its way into the archive: streamed to a temporary file.
 
 ``IncomingFile`` is the sink (``write`` / ``finish`` / ``discard``) that the
-DIMSE layer fills while a C-STORE data set arrives. The Part 10 header is
-written first (everything it needs is in the C-STORE-RQ and the
-presentation context); each PDV fragment then goes from the receive buffer
-to the file with ``os.write``, with no copy. The first ``HEAD_LIMIT`` bytes
+DIMSE layer fills while a C-STORE data set arrives. The Part 10 header
+(everything it needs is in the C-STORE-RQ and the presentation context)
+goes to the file with the first PDV fragment, in one ``os.writev``; each
+fragment goes from the receive buffer to the file with no copy. The first ``HEAD_LIMIT`` bytes
 are also kept in memory, so the attributes the index needs can usually be
 parsed without reading the file back.
 
@@ -29,9 +29,16 @@ HEAD_LIMIT = 64 * 1024
 WRITE_AHEAD = 256 * 1024
 
 
-def write_all(fd: int, data) -> None:
-    """``os.write`` until every byte is written (regular files rarely write short)."""
+def write_all(fd: int, data, before: bytes = b"") -> None:
+    """``os.write`` until every byte is written (regular files rarely write short);
+    ``before``, if given, goes first in the same system call."""
     view = memoryview(data)
+    if before:
+        written = os.writev(fd, (before, view))
+        if written < len(before):
+            write_all(fd, memoryview(before)[written:])
+            written = len(before)
+        view = view[written - len(before):]
     while view:
         written = os.write(fd, view)
         view = view[written:]
@@ -86,7 +93,8 @@ class IncomingFile:
     the data set cannot be kept; the remaining fragments are then dropped.
     """
 
-    __slots__ = ("tmp_dir", "path", "fd", "named", "write_ahead", "written_back", "head", "size", "data_offset", "failure",
+    __slots__ = ("tmp_dir", "path", "fd", "named", "write_ahead", "written_back", "head", "size",
+                 "data_offset", "unwritten", "failure",
                  "sop_class_uid", "sop_instance_uid", "transfer_syntax", "calling_ae_title",
                  "received_at")
 
@@ -104,6 +112,8 @@ class IncomingFile:
                                        calling_ae_title or None)
         self.data_offset = len(header)
         self.size = len(header)
+        #: The header, until the first fragment goes with it (one system call).
+        self.unwritten = header
         self.tmp_dir = tmp_dir
         self.fd = -1
         self.path = ""
@@ -115,7 +125,6 @@ class IncomingFile:
                 self.path, self.fd, self.named = spare
             else:
                 self.path, self.fd, self.named = create_temporary(tmp_dir)
-            write_all(self.fd, header)
         except OSError as error:
             self._fail(error)
 
@@ -130,6 +139,7 @@ class IncomingFile:
         incoming.written_back = 0
         incoming.head = bytearray()
         incoming.size = incoming.data_offset = 0
+        incoming.unwritten = b""
         incoming.failure = reason
         incoming.sop_class_uid = incoming.transfer_syntax = ""
         incoming.sop_instance_uid = sop_instance_uid
@@ -146,10 +156,11 @@ class IncomingFile:
         if self.fd < 0:
             return
         try:
-            write_all(self.fd, fragment)
+            write_all(self.fd, fragment, self.unwritten)
         except OSError as error:
             self._fail(error)
             return
+        self.unwritten = b""
         self.size += len(fragment)
         if len(self.head) < HEAD_LIMIT:
             self.head += fragment[:HEAD_LIMIT - len(self.head)]
@@ -185,6 +196,13 @@ class IncomingFile:
                 raise
 
     def finish(self) -> "IncomingFile":
+        """The data set is complete (the header is written even when it was empty)."""
+        if self.unwritten and self.fd >= 0:
+            try:
+                write_all(self.fd, self.unwritten)
+            except OSError as error:
+                self._fail(error)
+            self.unwritten = b""
         return self
 
     @property

@@ -379,24 +379,23 @@ def encode_command(message: Message) -> bytes:
     counts the bytes after it.
     """
     parts = []
-    values = {"CommandField": message.COMMAND_FIELD}
-    for name in message.FIELD_ORDER:
-        value = getattr(message, name)
-        if value is not None:
-            values[name] = value
-    for tag, name, vr in _SORTED_ELEMENTS:
-        value = values.get(name)
+    for tag, name, vr in _ENCODING_ORDER[type(message)]:
+        value = message.COMMAND_FIELD if name is None else getattr(message, name)
         if value is None:
             continue
         data = _encode_value(vr, value)
-        parts.append(_ELEMENT_HEADER.pack(0x0000, tag & 0xFFFF, len(data)))
+        parts.append(_ELEMENT_HEADER.pack(0x0000, tag, len(data)))
         parts.append(data)
     body = b"".join(parts)
     return _ELEMENT_HEADER.pack(0, 0, 4) + _UL.pack(len(body)) + body
 
 
-_SORTED_ELEMENTS = [(tag, name, vr) for tag, (name, vr) in sorted(COMMAND_ELEMENTS.items())
-                    if tag != 0]
+#: Per message class: (element, field name, VR) of its elements in tag order, Command
+#: Field (0000,0100) among them with name None (it is the class, not a field).
+_ENCODING_ORDER = {
+    cls: sorted([(TAGS[name][0] & 0xFFFF, name, TAGS[name][1]) for name in cls.FIELD_ORDER]
+                + [(0x0100, None, "US")], key=lambda element: element[0])
+    for cls in MESSAGES.values()}
 
 
 def decode_command(data) -> Message:
