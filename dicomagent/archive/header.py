@@ -31,9 +31,12 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _WANTED = set(INDEXED_TAGS)
 _LAST_WANTED = max(INDEXED_TAGS)
 _DICTIONARY_VR = {tag: dictionary_VR(tag) for tag in INDEXED_TAGS}
-_LEVEL = {key.tag: (level, key) for level, keys in (
+_LEVEL = {key.tag: (level, key, f"{key.tag:08X}") for level, keys in (
     ("patient", PATIENT_KEYS), ("study", STUDY_KEYS), ("series", SERIES_KEYS),
     ("instance", INSTANCE_KEYS)) for key in keys}
+_IMPLICIT = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}
+_EXPLICIT = {True: struct.Struct("<HH2sH"), False: struct.Struct(">HH2sH")}
+_U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
 _NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 _SINGLE_VALUED_TEXT = {"LT", "ST", "UT", "UR"}
 _CHARSET_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
@@ -52,10 +55,10 @@ def scan_header(head: bytes, transfer_syntax: str, complete: bool = False
         return None
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
-    order = "<" if little else ">"
-    tag_struct = struct.Struct(order + "HH")
-    u32 = struct.Struct(order + "I")
-    u16 = struct.Struct(order + "H")
+    # One unpack per element header: (group, element, length) for implicit VR,
+    # (group, element, VR, 2-byte length) for explicit VR.
+    header = _IMPLICIT[little] if implicit else _EXPLICIT[little]
+    u32 = _U32[little]
     found: dict[int, tuple[str, bytes]] = {}
     position, end = 0, len(head)
     while True:
@@ -63,30 +66,28 @@ def scan_header(head: bytes, transfer_syntax: str, complete: bool = False
             return found
         if end - position < 8:
             return None
-        group, element = tag_struct.unpack_from(head, position)
+        if implicit:
+            group, element, length = header.unpack_from(head, position)
+            raw_vr = None
+        else:
+            group, element, raw_vr, length = header.unpack_from(head, position)
         tag = group << 16 | element
         if tag > _LAST_WANTED:
             return found            # past every indexed tag: the head held them all
-        if implicit:
-            vr = _DICTIONARY_VR.get(tag, "UN")
-            (length,) = u32.unpack_from(head, position + 4)
-            position += 8
+        if raw_vr in _LONG_VRS:
+            if end - position < 12:
+                return None
+            (length,) = u32.unpack_from(head, position + 8)
+            position += 12
         else:
-            raw_vr = head[position + 4:position + 6]
-            if raw_vr in _LONG_VRS:
-                if end - position < 12:
-                    return None
-                (length,) = u32.unpack_from(head, position + 8)
-                position += 12
-            else:
-                (length,) = u16.unpack_from(head, position + 6)
-                position += 8
-            vr = raw_vr.decode("ascii", "replace")
+            position += 8
         if length == 0xFFFFFFFF:
             return None             # an undefined-length sequence: pydicom reads those
         if length > end - position:
             return None
         if tag in _WANTED:
+            vr = (_DICTIONARY_VR.get(tag, "UN") if raw_vr is None
+                  else raw_vr.decode("ascii", "replace"))
             if vr == "SQ" or vr == "UN":
                 return None
             found[tag] = (vr, head[position:position + length])
@@ -133,6 +134,22 @@ def _json(vr: str, raw: bytes, codec: str, little: bool) -> tuple[dict, str]:
     return {"vr": vr, "Value": [s if s else None for s in strings]}, text
 
 
+#: ``_json`` results by its arguments: the patient, study and series attributes are
+#: the same for every object of a series. The elements are shared between records:
+#: nobody changes them (they are packed into the index as they are).
+_JSON_SEEN: dict = {}
+
+
+def _json_seen(vr: str, raw: bytes, codec: str, little: bool) -> tuple[dict, str]:
+    key = (vr, raw, codec, little)
+    result = _JSON_SEEN.get(key)
+    if result is None:
+        if len(_JSON_SEEN) >= 4096:
+            _JSON_SEEN.clear()
+        result = _JSON_SEEN[key] = _json(vr, raw, codec, little)
+    return result
+
+
 def record_from_head(head: bytes, transfer_syntax: str, complete: bool = False
                      ) -> InstanceRecord | None:
     """The index record, read without pydicom; None when pydicom must do it."""
@@ -155,9 +172,9 @@ def record_from_head(head: bytes, transfer_syntax: str, complete: bool = False
     attrs = {"patient": {}, "study": {}, "series": {}, "instance": {}}
     try:
         for tag, (vr, raw) in found.items():
-            level, key = _LEVEL[tag]
-            element, text = _json(vr, raw, codec, little)
-            attrs[level][f"{tag:08X}"] = element
+            level, key, name = _LEVEL[tag]
+            element, text = _json_seen(vr, raw, codec, little)
+            attrs[level][name] = element
             values[level][key.keyword] = text
     except (UnicodeDecodeError, ValueError, struct.error):
         return None

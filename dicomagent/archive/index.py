@@ -78,8 +78,12 @@ class Index:
         """The instance's file facts (path, size, crc32, transfer_syntax…), or None."""
         raise NotImplementedError
 
-    def add(self, record: InstanceRecord) -> None:
-        """Insert or replace the instance and update its patient, study and series."""
+    def add(self, record: InstanceRecord, replacing: bool | None = None) -> None:
+        """Insert or replace the instance and update its patient, study and series.
+
+        ``replacing``: whether the index lists the instance already, when the
+        caller has just looked (None: the index looks).
+        """
         raise NotImplementedError
 
     def remove(self, sop_instance_uid: str) -> None:
@@ -244,6 +248,14 @@ class SQLiteIndex(Index):
         if not self._in_transaction:
             self.db.execute("BEGIN IMMEDIATE")
             self._in_transaction = True
+            # The upper levels repeat for every instance of a series: ``add`` writes
+            # a row again only when it differs from the one this index wrote last,
+            # and nobody else (``dicomagent import``, ``retention``) wrote in between.
+            # From here to the commit nobody else can.
+            (version,) = self.db.execute("PRAGMA data_version").fetchone()
+            if version != self._last.get("data_version"):
+                self._last.clear()
+                self._last["data_version"] = version
 
     def commit(self) -> None:
         if self._in_transaction:
@@ -266,43 +278,39 @@ class SQLiteIndex(Index):
         return dict(zip(("path", "size", "crc32", "transfer_syntax", "SOPClassUID",
                          "StudyInstanceUID", "SeriesInstanceUID"), row))
 
-    def add(self, record: InstanceRecord) -> None:
+    def add(self, record: InstanceRecord, replacing: bool | None = None) -> None:
         self._begin()
         db = self.db
-        if db.execute("SELECT 1 FROM instances WHERE SOPInstanceUID = ?",
-                      (record.sop_instance_uid,)).fetchone():
+        if replacing is None:
+            replacing = db.execute("SELECT 1 FROM instances WHERE SOPInstanceUID = ?",
+                                   (record.sop_instance_uid,)).fetchone() is not None
+        if replacing:
             self.remove(record.sop_instance_uid)      # prunes the levels it leaves empty
-            self._last.clear()
-        # The upper levels repeat for every instance of a series: a row is written
-        # again only when it differs from the one this index wrote last, and
-        # nobody else (``dicomagent import``, ``retention``) wrote in between.
-        (version,) = db.execute("PRAGMA data_version").fetchone()
-        if version != self._last.get("data_version"):
-            self._last.clear()
-            self._last["data_version"] = version
+        # A level's row is compared before its attributes are packed: (columns, attrs).
         patient = record.patient
-        patient_row = [patient.get(c) if c != "PatientID" else patient.get(c) or ""
-                       for c in PATIENT_COLUMNS] + [_pack(record.patient_attrs)]
+        patient_row = ([patient.get(c) if c != "PatientID" else patient.get(c) or ""
+                        for c in PATIENT_COLUMNS], record.patient_attrs)
         last = self._last
         if last.get("patient_row") == patient_row:
             patient_key = last["patient_key"]
         else:
-            (patient_key,) = db.execute(self._sql_patient, patient_row).fetchone()
+            (patient_key,) = db.execute(self._sql_patient, patient_row[0]
+                                        + [_pack(patient_row[1])]).fetchone()
             last["patient_row"], last["patient_key"] = patient_row, patient_key
         study = record.study
         study_uid = study["StudyInstanceUID"]
-        study_row = [study_uid, patient_key] + [
+        study_row = ([study_uid, patient_key] + [
             study.get(c) for c in STUDY_COLUMNS if c != "StudyInstanceUID"] + [
-            record.specific_character_set, _pack(record.study_attrs)]
+            record.specific_character_set], record.study_attrs)
         if last.get("study_row") != study_row:
-            db.execute(self._sql_study, study_row)
+            db.execute(self._sql_study, study_row[0] + [_pack(study_row[1])])
             last["study_row"] = study_row
         series = record.series
-        series_row = [series["SeriesInstanceUID"], study_uid] + [
-            series.get(c) for c in SERIES_COLUMNS if c != "SeriesInstanceUID"] + [
-            _pack(record.series_attrs)]
+        series_row = ([series["SeriesInstanceUID"], study_uid] + [
+            series.get(c) for c in SERIES_COLUMNS if c != "SeriesInstanceUID"],
+            record.series_attrs)
         if last.get("series_row") != series_row:
-            db.execute(self._sql_series, series_row)
+            db.execute(self._sql_series, series_row[0] + [_pack(series_row[1])])
             last["series_row"] = series_row
         instance = record.instance
         db.execute(self._sql_instance,

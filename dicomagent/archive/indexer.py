@@ -180,7 +180,8 @@ def index_jobs(index: SQLiteIndex, data_dir: str, on_duplicate: str,
                                                existing["path"], True))
                     continue
                 unlink.append(existing["path"])
-            index.add(job_record(job, os.path.join(data_dir, job.relative)))
+            index.add(job_record(job, os.path.join(data_dir, job.relative)),
+                      replacing=existing is not None)
             results.append(IndexResult(job.sequence, job.status, job.comment, job.relative,
                                        existing is not None))
         index.commit()
