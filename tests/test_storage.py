@@ -1127,6 +1127,42 @@ def test_indexer_killed_storage_goes_on_and_a_restart_catches_up(agent_factory, 
     assert "indexed 3 object(s) filed before the last stop" in restarted.log()
 
 
+def test_far_behind_index_answers_for_each_object(tmp_path, monkeypatch):
+    """Back-pressure: an object filed more than ``MAX_BACKLOG`` objects ahead of the index
+    gets its result from the indexer process once indexed (here MAX_BACKLOG is 0: every
+    object), with what the index did: a second copy in another series, ``keep``, is
+    reported as the duplicate it is, under the first copy's path, and its file removed."""
+    import concurrent.futures
+
+    import dicomagent.archive as archive_module
+    monkeypatch.setattr(archive_module, "MAX_BACKLOG", 0)
+    archive = archive_module.Archive(
+        tmp_path / "data", archive_module.StorageSettings(fsync=False, min_free_mb=1),
+        index_in_process=True)
+    try:
+        first, data = _encoded("ct", "explicit", patient_id="BACKLOG")
+        second, again = _encoded("ct", "explicit", patient_id="BACKLOG",
+                                 sop_uid=first.SOPInstanceUID)
+        outcomes = []
+        for ds, encoded in ((first, data), (second, again)):
+            incoming = archive.open_incoming(CT, ds.SOPInstanceUID, EXPLICIT_VR_LITTLE_ENDIAN,
+                                             "BACKLOG")
+            incoming.write(encoded)
+            outcome = archive.receive(incoming.finish())
+            assert isinstance(outcome, concurrent.futures.Future), outcome
+            outcomes.append(outcome.result(timeout=60))
+        first_path = archive_path(tmp_path / "data", first).relative_to(tmp_path / "data")
+        assert outcomes[0].status == SUCCESS and not outcomes[0].duplicate, outcomes[0]
+        assert outcomes[0].path == str(first_path)
+        assert outcomes[1].status == SUCCESS and outcomes[1].duplicate, outcomes[1]
+        assert outcomes[1].path == str(first_path)
+        assert "first copy kept" in outcomes[1].comment
+        assert not archive_path(tmp_path / "data", second).exists()
+    finally:
+        archive.close()
+    assert list(index_rows(tmp_path / "data")) == [first.SOPInstanceUID]
+
+
 def test_failed_rename_leaves_no_index_row(agent_factory):
     """When filing fails after the index commit (here: a directory squats the final path),
     the C-STORE fails and the index must not keep a row for a file that is not there;

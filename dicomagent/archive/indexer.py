@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import operator
 import os
 import signal
 import threading
@@ -62,6 +63,14 @@ class IndexJob:
     status: int                 # the status it was acknowledged with
     comment: str
     answer: bool = False        # somebody waits for its result: answer at once
+
+    def __reduce__(self):
+        # Pickled as the class and its values: a slotted dataclass's own way (its
+        # __getstate__) costs several times more, on a thread of the event loop's process.
+        return IndexJob, _job_values(self)
+
+
+_job_values = operator.attrgetter(*IndexJob.__slots__)
 
 
 @dataclass(slots=True)
@@ -345,7 +354,8 @@ ANSWER_AFTER = 0.2
 
 def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
                 pending_marker: str, log_level: int) -> None:
-    """The indexer process: batches of jobs in, (results, last sequence) out.
+    """The indexer process: batches of jobs in, (results, last sequence) out; the
+    results are those of the jobs somebody waits for (``IndexJob.answer``).
 
     It stops when the daemon says so (None) or is gone (end of file), after
     indexing what it has; signals are the daemon's to handle (a Ctrl-C or a
@@ -367,7 +377,8 @@ def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
                                                 "%(message)s")
     index = SQLiteIndex(index_path, durable=False)
     gc.freeze()                     # pydicom's dictionaries: out of full collections
-    unanswered: list[IndexResult] = []
+    unanswered = 0                  # jobs indexed since the last answer
+    results: list[IndexResult] = []     # of those, the ones somebody waits for
     through = 0
     answered_at = marked_at = time.monotonic()
     try:
@@ -390,21 +401,23 @@ def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
             failed = False
             if jobs:
                 try:
-                    unanswered += index_jobs(index, data_dir, on_duplicate, jobs)
+                    indexed = index_jobs(index, data_dir, on_duplicate, jobs)
+                    results += [result for job, result in zip(jobs, indexed) if job.answer]
                 except Exception as error:  # noqa: BLE001 - a database failure
                     log.error("index write failed: %s; %d stored object(s) are not in the "
                               "index until the next start", error, len(jobs))
                     failed = True
                 through = jobs[-1].sequence
-            if (failed or asked or stop or len(unanswered) >= ANSWER_EVERY
+                unanswered += len(jobs)
+            if (failed or asked or stop or unanswered >= ANSWER_EVERY
                     or any(job.answer for job in jobs)
                     or (unanswered and time.monotonic() - answered_at >= ANSWER_AFTER)
                     or (not jobs and unanswered)):
                 try:
-                    connection.send((None if failed else unanswered, through))
+                    connection.send((None if failed else results, through))
                 except OSError:
                     return              # the daemon is gone; what was indexed is committed
-                unanswered = []
+                unanswered, results = 0, []
                 answered_at = time.monotonic()
                 if not jobs and answered_at - marked_at >= PENDING_MARGIN:
                     _flush_log(index_path)
