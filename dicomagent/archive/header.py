@@ -23,20 +23,16 @@ from pydicom.datadict import dictionary_VR
 
 from dicomagent.archive.index import InstanceRecord
 from dicomagent.archive.keys import INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
+from dicomagent.archive.structure import EXPLICIT_HEADER, IMPLICIT_HEADER, LONG_VRS, U32
 from dicomagent.jsonencode import CODECS
 from dicomagent.uids import EXPLICIT_VR_BIG_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
 _WANTED = set(INDEXED_TAGS)
 _LAST_WANTED = max(INDEXED_TAGS)
 _DICTIONARY_VR = {tag: dictionary_VR(tag) for tag in INDEXED_TAGS}
 _LEVEL = {key.tag: (level, key, f"{key.tag:08X}") for level, keys in (
     ("patient", PATIENT_KEYS), ("study", STUDY_KEYS), ("series", SERIES_KEYS),
     ("instance", INSTANCE_KEYS)) for key in keys}
-_IMPLICIT = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}
-_EXPLICIT = {True: struct.Struct("<HH2sH"), False: struct.Struct(">HH2sH")}
-_U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
 _NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 _SINGLE_VALUED_TEXT = {"LT", "ST", "UT", "UR"}
 _CHARSET_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
@@ -57,8 +53,8 @@ def scan_header(head: bytes, transfer_syntax: str, complete: bool = False
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     # One unpack per element header: (group, element, length) for implicit VR,
     # (group, element, VR, 2-byte length) for explicit VR.
-    header = _IMPLICIT[little] if implicit else _EXPLICIT[little]
-    u32 = _U32[little]
+    header = IMPLICIT_HEADER[little] if implicit else EXPLICIT_HEADER[little]
+    u32 = U32[little]
     found: dict[int, tuple[str, bytes]] = {}
     position, end = 0, len(head)
     while True:
@@ -74,7 +70,7 @@ def scan_header(head: bytes, transfer_syntax: str, complete: bool = False
         tag = group << 16 | element
         if tag > _LAST_WANTED:
             return found            # past every indexed tag: the head held them all
-        if raw_vr in _LONG_VRS:
+        if raw_vr in LONG_VRS:
             if end - position < 12:
                 return None
             (length,) = u32.unpack_from(head, position + 8)

@@ -89,9 +89,9 @@ def check_structure(head: bytes, size: int, transfer_syntax: str, path: str | No
 
 #: Element headers by byte order (True: little endian): explicit VR (tag, VR, 2-byte
 #: length), implicit VR and items (tag, 4-byte length), and a 4-byte length alone.
-_EXPLICIT_HEADER = {True: struct.Struct("<HH2sH"), False: struct.Struct(">HH2sH")}
-_IMPLICIT_HEADER = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}
-_U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
+EXPLICIT_HEADER = {True: struct.Struct("<HH2sH"), False: struct.Struct(">HH2sH")}
+IMPLICIT_HEADER = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}
+U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
 
 
 def _walk(source: _Source, position: int, end: int, implicit: bool, little: bool,
@@ -105,8 +105,8 @@ def _walk(source: _Source, position: int, end: int, implicit: bool, little: bool
     """
     if depth > MAX_DEPTH:
         raise StructureError("sequences nested deeper than 64")
-    explicit_header, implicit_header, u32 = (_EXPLICIT_HEADER[little], _IMPLICIT_HEADER[little],
-                                             _U32[little])
+    explicit_header, implicit_header, u32 = (EXPLICIT_HEADER[little], IMPLICIT_HEADER[little],
+                                             U32[little])
     head = source.head
     in_memory = len(head)
     while position < end:
