@@ -1127,6 +1127,21 @@ def test_indexer_killed_storage_goes_on_and_a_restart_catches_up(agent_factory, 
     assert "indexed 3 object(s) filed before the last stop" in restarted.log()
 
 
+def test_release_waits_until_what_was_stored_is_indexed(agent, tmp_path):
+    """The A-RELEASE-RP of an association that stored objects waits until the index lists
+    them: the moment storescu has exited, a reader of the index finds every one (no
+    settling time), for a burst and for a single object."""
+    for count in (40, 1):
+        files = [make_file(tmp_path / f"burst{count}", "ct", "explicit", name=f"{n}.dcm",
+                           patient_id=f"RELEASED-{count}", number=n) for n in range(count)]
+        sop_uids = {pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+                    for path in files}
+        result = storescu(agent, files, "-xe")
+        assert result.returncode == 0, output(result)
+        listed = set(_read_index_rows(agent.data_dir))
+        assert sop_uids <= listed, f"{len(sop_uids - listed)} of {count} not yet indexed"
+
+
 def test_far_behind_index_answers_for_each_object(tmp_path, monkeypatch):
     """Back-pressure: an object filed more than ``MAX_BACKLOG`` objects ahead of the index
     gets its result from the indexer process once indexed (here MAX_BACKLOG is 0: every

@@ -87,8 +87,9 @@ CANNOT_UNDERSTAND = 0xC000
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
-#: Temporary files the worker keeps created ahead of the receiving side.
-_SPARES = 16
+#: Temporary files the worker keeps created ahead of the receiving side (at least as
+#: many as a busy sender stores during one ``BATCH_WAIT``).
+_SPARES = 64
 
 
 def safe_uid(uid: str) -> str:
@@ -124,8 +125,9 @@ _FILING_TAGS = frozenset((SOP_CLASS, SOP_INSTANCE, STUDY, SERIES))
 #: Objects filed but not yet indexed beyond which responses wait for the index.
 MAX_BACKLOG = 512
 
-#: Seconds the worker waits after a first object for more to index with it.
-BATCH_WAIT = 0.005
+#: Seconds the worker waits after a first object for more to index with it (less when
+#: somebody waits for the index: ``call``).
+BATCH_WAIT = 0.02
 
 
 
@@ -202,6 +204,7 @@ class Archive:
         self._free_checked_at = 0.0
         self._free_ok = True
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._hurry = threading.Event()
         self._spares: collections.deque[tuple[str, int, bool]] = collections.deque()
         #: Index jobs are numbered; ``_indexed_through`` is the last one committed.
         self._sequence = itertools.count(1)
@@ -451,6 +454,7 @@ class Archive:
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put(_Call(function, args, future))
+        self._hurry.set()
         return future
 
     def caught_up(self) -> concurrent.futures.Future | None:
@@ -472,8 +476,10 @@ class Archive:
                 continue
             # Objects arrive one every few hundred microseconds from a busy sender:
             # gathering them for a moment makes one batch (one thread switch, one
-            # message, one transaction) of what would be many.
-            time.sleep(BATCH_WAIT)
+            # message, one transaction) of what would be many. A call (a query, a
+            # release waiting for the index) cuts the wait short; objects do not.
+            self._hurry.wait(BATCH_WAIT)
+            self._hurry.clear()
             batch = [job]
             while len(batch) < 256:
                 try:
@@ -662,6 +668,7 @@ class Archive:
         removed: the next start need not catch up)."""
         self._filer.shutdown(wait=True)
         self._queue.put(None)
+        self._hurry.set()
         self._worker.join()
         self._indexer.close()
         if getattr(self._indexer, "failed", False):
