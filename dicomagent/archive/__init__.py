@@ -362,7 +362,7 @@ class Archive:
             if incoming.transfer_syntax == DEFLATED:
                 uids = _uids_of(parse_incoming(incoming))
             else:
-                found = check_structure(bytes(incoming.head), size, incoming.transfer_syntax,
+                found = check_structure(incoming.head, size, incoming.transfer_syntax,
                                         incoming.path, incoming.data_offset, _FILING_TAGS)
                 uids = [_uid_value(found.get(tag, b""))
                         for tag in (SOP_CLASS, SOP_INSTANCE, STUDY, SERIES)]

@@ -36,7 +36,7 @@ class _Source:
     """Reads ``length`` bytes at a data set offset: from the in-memory head when it
     covers them, else from the file (whose data set starts at ``file_offset``)."""
 
-    def __init__(self, head: bytes, path: str | None, file_offset: int):
+    def __init__(self, head: bytes | bytearray, path: str | None, file_offset: int):
         self.head = head
         self.path = path
         self.file_offset = file_offset
@@ -60,7 +60,7 @@ class _Source:
             self.handle.close()
 
 
-def check_structure(head: bytes, size: int, transfer_syntax: str, path: str | None = None,
+def check_structure(head: bytes | bytearray, size: int, transfer_syntax: str, path: str | None = None,
                     file_offset: int = 0, wanted: frozenset[int] = frozenset()
                     ) -> dict[int, bytes]:
     """Raise ``StructureError`` unless the data set of ``size`` bytes is well formed.
