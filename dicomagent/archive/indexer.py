@@ -4,15 +4,16 @@ An ``IndexJob`` describes one object the archive has filed (and
 acknowledged). ``index_jobs`` reads each one's header attributes from its
 file, applies the duplicate rule, writes the rows and commits once for the
 whole batch. It runs in one of two places, behind the same two methods
-(``index(jobs)``, ``wait()``):
+(``index_jobs(jobs)``, ``wait()``):
 
 - ``ThreadIndexer``: on the archive's worker thread (command-line tools);
 - ``ProcessIndexer``: in a process of its own (the daemon). Parsing headers
   is pure Python; in the daemon's process it would hold the interpreter
   lock against the event loop that receives the next object, which is
   what limits a Python node's storage rate. Here it runs beside it, on the
-  other core. Jobs go down a pipe; for each batch the process answers with
-  the results and the last job number it committed.
+  other core. Jobs go down a pipe; now and then (at once when asked) the
+  process answers with the last job number it committed and the results
+  somebody waits for.
 
 References
 ----------
