@@ -1178,6 +1178,142 @@ def test_far_behind_index_answers_for_each_object(tmp_path, monkeypatch):
     assert list(index_rows(tmp_path / "data")) == [first.SOPInstanceUID]
 
 
+def _store_in_process(archive, datasets: list[tuple[Dataset, bytes]]) -> list:
+    """C-STORE data sets straight into an in-process ``Archive`` (this thread is the
+    event loop); their results."""
+    import concurrent.futures
+
+    results = []
+    for ds, encoded in datasets:
+        incoming = archive.open_incoming(ds.SOPClassUID, ds.SOPInstanceUID,
+                                         EXPLICIT_VR_LITTLE_ENDIAN, "INPROCESS")
+        incoming.write(encoded)
+        outcome = archive.receive(incoming.finish(), alone=True)
+        if isinstance(outcome, concurrent.futures.Future):
+            outcome = outcome.result(timeout=60)
+        results.append(outcome)
+    return results
+
+
+def _one_series(count: int, patient_id: str) -> list[tuple[Dataset, bytes]]:
+    study, series = new_uid(), new_uid()
+    return [_encoded("ct", "explicit", patient_id=patient_id, study_uid=study,
+                     series_uid=series, number=n) for n in range(1, count + 1)]
+
+
+def test_fsync_on_flushes_each_object_once_and_its_directories_in_batches(tmp_path,
+                                                                         monkeypatch):
+    """With fsync on, the response waits for one flush per object: the data set, its
+    size and its seal (size and CRC-32) together, written into a file whose name in
+    tmp/ was flushed before it was handed out. The archive directories are flushed by
+    the worker, for many objects at once, before those names in tmp/ are dropped."""
+    import stat
+    import threading
+
+    import dicomagent.archive as archive_module
+    from dicomagent.archive.incoming import SEAL, is_sealed_intact
+
+    flushes: list[tuple[str, str, str]] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def recording(call, real):
+        def flush(fd):
+            kind = "directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+            flushes.append((threading.current_thread().name, call, kind))
+            return real(fd)
+        return flush
+
+    monkeypatch.setattr(os, "fsync", recording("fsync", real_fsync))
+    monkeypatch.setattr(os, "fdatasync", recording("fdatasync", real_fdatasync))
+    data_dir = tmp_path / "data"
+    archive = archive_module.Archive(
+        data_dir, archive_module.StorageSettings(fsync=True, min_free_mb=1))
+    datasets = _one_series(12, "ONE-FLUSH")
+    try:
+        time.sleep(0.2)                     # the worker makes its spares
+        receiving = threading.current_thread().name
+        del flushes[:]
+        results = _store_in_process(archive, datasets)
+        on_the_way = [entry for entry in flushes if entry[0] == receiving]
+        assert [r.status for r in results] == [SUCCESS] * 12
+        assert on_the_way == [(receiving, "fsync", "file")] * 12, on_the_way
+        for ds, _ in datasets:
+            path = archive_path(data_dir, ds)
+            assert is_sealed_intact(str(path)), path
+            assert struct.unpack("<QI", os.getxattr(path, SEAL)) == (
+                path.stat().st_size, file_crc32(path))
+        archive.caught_up().result(timeout=60)
+        by_worker = [entry for entry in flushes if entry[0] == "archive"]
+        assert by_worker and all(kind == "directory" for _, _, kind in by_worker), by_worker
+        assert len(by_worker) < 12, "directories flushed once per object, not per batch"
+        assert tmp_files(data_dir) == [], "names in tmp/ kept after their directory's flush"
+    finally:
+        archive.close()
+    rows = assert_archive_consistent(data_dir)
+    assert set(rows) == {ds.SOPInstanceUID for ds, _ in datasets}
+
+
+def test_restart_files_a_sealed_object_whose_archive_name_was_lost(tmp_path, monkeypatch,
+                                                                    caplog):
+    """A power cut after the response and before the worker flushed the archive
+    directory can lose an object's name in the archive, not the object: its sealed
+    file is still named in tmp/, and the next start links it back and indexes it. A
+    file in tmp/ whose bytes do not match its seal (torn by the cut) and an unsealed
+    one (never acknowledged) are removed, not filed."""
+    import shutil
+
+    import dicomagent.archive as archive_module
+
+    data_dir = tmp_path / "data"
+    settings = archive_module.StorageSettings(fsync=True, min_free_mb=1)
+    with monkeypatch.context() as patch:
+        # The worker never gets to settle: every name stays in tmp/.
+        patch.setattr(archive_module.Archive, "_settle_filed",
+                      lambda self, flush_tmp=False: None)
+        archive = archive_module.Archive(data_dir, settings)
+        time.sleep(0.2)
+        datasets = _one_series(3, "SEALED")
+        assert [r.status for r in _store_in_process(archive, datasets)] == [SUCCESS] * 3
+        archive.close()
+    sealed = sorted(tmp_files(data_dir))
+    assert len(sealed) == 3, sealed
+    (lost, _), (torn, _), (kept, _) = datasets
+    # What the cut left: the first object's archive name gone, the second object's
+    # name gone and its file in tmp/ torn, a partial unsealed data set.
+    os.unlink(archive_path(data_dir, lost))
+    os.unlink(archive_path(data_dir, torn))
+    lost_bytes = None
+    for name in sealed:
+        path = data_dir / "tmp" / name
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        if uid == lost.SOPInstanceUID:
+            lost_bytes = path.read_bytes()
+        elif uid == torn.SOPInstanceUID:
+            content = bytearray(path.read_bytes())
+            content[-10] ^= 0xFF
+            with open(path, "r+b") as handle:     # the same file, its seal kept
+                handle.write(content)
+    shutil.copyfile(data_dir / "tmp" / sealed[0], data_dir / "tmp" / "partial.spare")
+    db = sqlite3.connect(data_dir / "index.sqlite")
+    # Neither was indexed yet (a torn file was never answered, so never indexed either).
+    db.executemany("DELETE FROM instances WHERE SOPInstanceUID = ?",
+                   [(lost.SOPInstanceUID,), (torn.SOPInstanceUID,)])
+    db.commit()
+    db.close()
+    (data_dir / "index.pending").touch()
+    caplog.set_level("INFO", logger="dicomagent.archive")
+    archive = archive_module.Archive(data_dir, settings)
+    archive.close()
+    assert archive_path(data_dir, lost).read_bytes() == lost_bytes
+    assert not archive_path(data_dir, torn).exists(), "a torn file was filed"
+    assert archive_path(data_dir, kept).is_file()
+    assert tmp_files(data_dir) == []
+    rows = assert_archive_consistent(data_dir)
+    assert set(rows) == {lost.SOPInstanceUID, kept.SOPInstanceUID}
+    assert "flushed before the last stop, its name in the archive was not" in caplog.text
+    assert "partial.spare (incomplete when the agent stopped)" in caplog.text
+
+
 def test_failed_rename_leaves_no_index_row(agent_factory):
     """When filing fails after the index commit (here: a directory squats the final path),
     the C-STORE fails and the index must not keep a row for a file that is not there;

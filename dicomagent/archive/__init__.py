@@ -4,9 +4,9 @@ Layout under the data dir::
 
     archive/<Study UID>/<Series UID>/<SOP Instance UID>.dcm   the objects (Part 10 files)
     tmp/                                                     where data sets being received
-                                                             live, unnamed (O_TMPFILE) or,
-                                                             where that is not possible,
-                                                             as *.part / empty *.spare files
+                                                             live: *.spare files made ahead
+                                                             (fsync on), unnamed (O_TMPFILE,
+                                                             fsync off) or *.part files
     index.sqlite                                             the index (SQLite, WAL)
     index.pending                                            present while objects may be
                                                              filed but not yet indexed
@@ -20,12 +20,18 @@ A received data set goes through two stages:
 1. **Filing**, before the C-STORE-RSP. The element headers are walked
    (``check_structure``: every length must hold, which also yields the SOP
    Class, SOP Instance, Study and Series UIDs), the status is decided (seed
-   Table 67), the temporary file is flushed (``fdatasync``, when
-   ``storage.fsync`` is on), given its final name (linked, or renamed), and
-   its directory flushed. Only then is the response sent: an acknowledged
-   object is on stable storage. With fsync off, filing is a header walk and
-   a link, done on the event loop; with fsync on (or a deflated data set, or
-   ``accept_mismatch``) it runs on a filer thread.
+   Table 67), and the file is put in place. With ``storage.fsync`` on, the
+   data is flushed before the file is given its name, and the response
+   waits until both are on stable storage: an acknowledged object is never
+   lost. That takes one device flush per object (``_place``): the data set
+   was written into a file whose name in ``tmp/`` is already on stable
+   storage, it is sealed with its size and CRC-32 and flushed, then linked
+   into the archive; the archive directories are flushed for many objects
+   at once a moment later (``_settle_filed``), and until then the name in
+   ``tmp/`` is what a restart would find it by (``recover``). With fsync
+   off, filing is a header walk and a link, done on the event loop; with
+   fsync on it runs on a filer thread (or on the event loop when only one
+   association is open: ``receive``).
 2. **Indexing**, just after, in the indexer (``indexer.py``: a process of its
    own in the daemon, the worker thread in command-line tools): the header
    attributes are read from the file and written to the index, many objects
@@ -36,8 +42,9 @@ A received data set goes through two stages:
 
 The files are the truth, the index is derived from them. A crash leaves at
 worst a data set in ``tmp/`` that was never acknowledged (an unnamed file
-vanishes by itself; a named one is removed at the next start) and filed
-objects whose index rows were not written yet: ``index.pending`` exists
+vanishes by itself; a named one is removed at the next start), a sealed one
+that was (filed at the next start), and filed objects whose index rows were
+not written yet: ``index.pending`` exists
 while a daemon runs, and its modification time moves forward while the
 index is caught up; a start that finds it re-reads every series directory
 changed since then (``catch_up``) and indexes what is missing.
@@ -70,7 +77,8 @@ import pydicom
 
 from dicomagent.archive.indexer import (PENDING_MARGIN, IndexJob, IndexResult, ProcessIndexer,
                                         ThreadIndexer, index_jobs, parse_file)
-from dicomagent.archive.incoming import IncomingFile, create_temporary
+from dicomagent.archive.incoming import (IncomingFile, can_seal, create_temporary,
+                                         is_sealed_intact, seal)
 from dicomagent.archive.index import SQLiteIndex
 from dicomagent.archive.keys import INDEXED_TAGS
 from dicomagent.archive.structure import StructureError, check_structure
@@ -206,6 +214,11 @@ class Archive:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._hurry = threading.Event()
         self._spares: collections.deque[tuple[str, int, bool]] = collections.deque()
+        #: One flush per object (``_place``): with fsync on, where files take a seal.
+        self._one_flush = settings.fsync and can_seal(self.tmp_dir)
+        #: Objects answered whose archive entries are not yet flushed: (name in tmp/,
+        #: directories to flush), settled by the worker (``_settle_filed``).
+        self._unsettled: collections.deque[tuple[str, tuple[str, ...]]] = collections.deque()
         #: Index jobs are numbered; ``_indexed_through`` is the last one committed.
         self._sequence = itertools.count(1)
         self._enqueued_through = 0
@@ -277,15 +290,30 @@ class Archive:
             spare = None
         return IncomingFile(self.tmp_dir, sop_class_uid, sop_instance_uid, transfer_syntax,
                             calling_ae_title, time.time(), spare,
-                            write_ahead=self.settings.fsync)
+                            write_ahead=self.settings.fsync,
+                            checksum=self._one_flush and spare is not None)
 
     def _refill_spares(self) -> None:
-        """On the worker: create temporary files ahead for ``open_incoming``."""
+        """On the worker: create temporary files ahead for ``open_incoming``.
+
+        For one-flush filing they are named files in ``tmp/``, handed out only
+        once ``tmp/`` is flushed: a data set written into one has a name on
+        stable storage before it is even received.
+        """
+        made = []
         try:
-            while len(self._spares) < _SPARES:
-                self._spares.append(create_temporary(self.tmp_dir, ".spare"))
+            while len(self._spares) + len(made) < _SPARES:
+                made.append(create_temporary(self.tmp_dir, ".spare", named=self._one_flush))
+            if self._one_flush and made:
+                _fsync_directory(self.tmp_dir)
         except OSError as error:
             log.warning("cannot create temporary files ahead: %s", error.strerror)
+            for path, fd, named in made:
+                os.close(fd)
+                if named:
+                    os.unlink(path)
+            return
+        self._spares.extend(made)
 
     def receive(self, incoming: IncomingFile, alone: bool = False
                 ) -> "StoreResult | concurrent.futures.Future":
@@ -417,31 +445,79 @@ class Archive:
             setattr(incoming, name, getattr(new, name))
 
     def _place(self, filing: _Filing) -> None:
-        """Flush the temporary file (fsync on), give it its final name, flush the
-        directories whose entries changed: its own, and the parent of each one made."""
+        """Flush the temporary file (fsync on) and give it its final name; with fsync
+        on, its name is on stable storage before this returns (the response).
+
+        Two ways, both one flush of the data before the name:
+
+        - **one flush** (a sealed spare, ``_one_flush``): the file already has a
+          name on stable storage, in ``tmp/`` (``_refill_spares``). It is sealed
+          (size and CRC-32 in an extended attribute) and flushed, data, size and
+          seal together: one device flush. Then it is linked into the archive,
+          and its name in ``tmp/`` kept until the worker has flushed the archive
+          directory (``_settle_filed``, once for many objects). A crash before that
+          leaves it sealed in ``tmp/``, where the next start files it (``recover``).
+        - **two flushes** (anything else): flush the file, give it its final name,
+          flush the directories whose entries changed: its own, and the parent of
+          each one made.
+        """
         incoming = filing.incoming
         if filing.rewrite:
             self._rewrite_header(incoming, filing.sop_class_uid, filing.sop_instance_uid)
+        if incoming.crc is not None and incoming.named:
+            seal(incoming.fd, incoming.size, incoming.crc)
+            os.fsync(incoming.fd)           # data, size and seal
+            try:
+                made = _in_place(filing.final_path, lambda: os.link(incoming.path,
+                                                                    filing.final_path))
+            except FileExistsError:         # a duplicate to replace: the two-flush way
+                incoming.crc = None
+            else:
+                os.close(incoming.fd)
+                incoming.fd = -1
+                self._unsettled.append((incoming.path,
+                                        (os.path.dirname(filing.final_path), *made)))
+                incoming.path = ""
+                return
         if self.settings.fsync:
             os.fdatasync(incoming.fd)       # data and size; the mtime need not wait
-        try:
-            incoming.put_in_place(filing.final_path)
-            made = []
-        except FileNotFoundError:           # the series' first object: make its directories
-            directory = os.path.dirname(filing.final_path)
-            made = []
-            missing = directory
-            while not os.path.isdir(missing):
-                made.append(os.path.dirname(missing))
-                missing = os.path.dirname(missing)
-            os.makedirs(directory, exist_ok=True)
-            incoming.put_in_place(filing.final_path)
+        made = _in_place(filing.final_path, lambda: incoming.put_in_place(filing.final_path))
         os.close(incoming.fd)
         incoming.fd = -1
         incoming.path = ""
         if self.settings.fsync:
             for directory in [os.path.dirname(filing.final_path), *made]:
                 _fsync_directory(directory)
+
+    def _settle_filed(self, flush_tmp: bool = False) -> None:
+        """On the worker: flush the archive directories of the objects filed in one
+        flush since the last time (each directory once), then drop their names in
+        ``tmp/``: flushed with the next spares (``_refill_spares``), or at once
+        (``flush_tmp``: before a deletion, which a name left in ``tmp/`` could undo)."""
+        if not self._unsettled:
+            return
+        names, directories = [], set()
+        while self._unsettled:
+            name, changed = self._unsettled.popleft()
+            names.append(name)
+            directories.update(changed)
+        try:
+            for directory in directories:
+                _fsync_directory(directory)
+        except OSError as error:
+            # The names in tmp/ stay: the next start files what is missing (``recover``).
+            log.error("cannot flush archive directories: %s", error)
+            return
+        for name in names:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+        if flush_tmp:
+            try:
+                _fsync_directory(self.tmp_dir)
+            except OSError as error:
+                log.error("cannot flush %s: %s", self.tmp_dir, error)
 
     # --- the worker thread: indexing -----------------------------------------------------
 
@@ -465,12 +541,15 @@ class Archive:
         return self.call(lambda archive: None)
 
     def _work(self) -> None:
+        self._refill_spares()
         while True:
             job = self._queue.get()
             if job is None:
+                self._settle_filed(flush_tmp=True)
                 self._indexer.wait()
                 return
             if type(job) is _Call:
+                self._settle_filed(flush_tmp=True)
                 self._indexer.wait()
                 job.run(self)
                 continue
@@ -487,6 +566,7 @@ class Archive:
                 except queue.Empty:
                     break
                 if more is None or type(more) is _Call:
+                    self._settle_filed(flush_tmp=True)
                     self._indexer.index_jobs(batch)
                     batch = []
                     self._indexer.wait()
@@ -496,6 +576,7 @@ class Archive:
                     break
                 batch.append(more)
             if batch:
+                self._settle_filed()
                 self._indexer.index_jobs(batch)
             self._refill_spares()
 
@@ -591,9 +672,33 @@ class Archive:
                 os.replace(path, final)
                 log.info("put back %s (its deletion was interrupted)", row["path"])
                 continue
-            os.unlink(path)
-            if not name.endswith(".spare"):
+            spare = name.endswith(".spare")
+            if spare and os.path.getsize(path) and is_sealed_intact(path):
+                self._refile(path)
+            elif not spare or os.path.getsize(path):
                 log.info("removed %s (incomplete when the agent stopped)", name)
+            os.unlink(path)
+
+    def _refile(self, path: str) -> None:
+        """A sealed file found in ``tmp/``: complete and flushed before a crash, maybe
+        acknowledged while its name in the archive was not yet on stable storage
+        (one-flush filing, ``_place``). It is linked in place unless a file is there;
+        ``catch_up`` then indexes it."""
+        try:
+            _, sop_instance, study, series = _uids_of(parse_file(path))
+        except Exception as error:  # noqa: BLE001 - sealed, so ours; unreadable: say so
+            log.error("%s: sealed but unreadable, not filed: %s", path, error)
+            return
+        final = os.path.join(self.archive_dir, safe_uid(study), safe_uid(series),
+                             safe_uid(sop_instance) + ".dcm")
+        if os.path.exists(final):
+            return
+        made = _in_place(final, lambda: os.link(path, final))
+        if self.settings.fsync:
+            for directory in [os.path.dirname(final), *made]:
+                _fsync_directory(directory)
+        log.warning("filed %s again: flushed before the last stop, its name in the archive "
+                    "was not", os.path.relpath(final, self.data_dir))
 
     def catch_up(self) -> int:
         """After a crash: index the filed objects the index does not have yet.
@@ -708,6 +813,25 @@ class Archive:
         if pending is not None:
             pending.result()
         return outcome
+
+
+def _in_place(final_path: str, put) -> list[str]:
+    """``put()`` a file at ``final_path``, making its directories when missing (the
+    series' first object); returns the parents of the directories made."""
+    try:
+        put()
+        return []
+    except FileNotFoundError:
+        pass
+    directory = os.path.dirname(final_path)
+    made = []
+    missing = directory
+    while not os.path.isdir(missing):
+        made.append(os.path.dirname(missing))
+        missing = os.path.dirname(missing)
+    os.makedirs(directory, exist_ok=True)
+    put()
+    return made
 
 
 def _subdirectories(path: str) -> list[os.DirEntry]:

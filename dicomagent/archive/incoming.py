@@ -8,10 +8,14 @@ fragment goes from the receive buffer to the file with no copy. The first ``HEAD
 are also kept in memory, so the attributes the index needs can usually be
 parsed without reading the file back.
 
-Nothing here is in the archive yet. Where the file system allows it (Linux
-``O_TMPFILE``) the file has no name at all until filing links it into the
-archive, so a crash leaves nothing behind; elsewhere it is a named file in
-``tmp/`` (removed at the next start) until it is renamed into place.
+Nothing here is in the archive yet. With ``storage.fsync`` off, where the
+file system allows it (Linux ``O_TMPFILE``), the file has no name at all
+until filing links it into the archive, so a crash leaves nothing behind;
+elsewhere it is a named file in ``tmp/`` (removed at the next start) until
+it is renamed into place. With fsync on it is a named ``.spare`` file made
+ahead, and its CRC-32 is kept as it is written: filing seals it (``SEAL``)
+before its one flush, so that a restart can tell a complete file from
+whatever a power cut left of one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import struct
+import zlib
 
 from dicomagent.archive.part10 import file_meta_information
 
@@ -49,18 +55,19 @@ def write_all(fd: int, data, before: bytes = b"") -> None:
 _unnamed_files: bool | None = None
 
 
-def create_temporary(tmp_dir: str, suffix: str = ".part") -> tuple[str, int, bool]:
+def create_temporary(tmp_dir: str, suffix: str = ".part", named: bool = False
+                     ) -> tuple[str, int, bool]:
     """A new empty file for a data set, open for writing: (path, fd, named).
 
     Unnamed where the file system can (``path`` is then /proc/self/fd/FD,
-    to read it by), else a named file in ``tmp_dir``. The archive's worker
-    creates some ahead (an empty named ``.spare`` file in ``tmp/`` is one
-    waiting for a data set).
+    to read it by), else (or when asked: ``named``) a named file in
+    ``tmp_dir``. The archive's worker creates some ahead (an empty named
+    ``.spare`` file in ``tmp/`` is one waiting for a data set).
     """
     global _unnamed_files
     if _unnamed_files is None:
         _unnamed_files = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
-    if _unnamed_files:
+    if _unnamed_files and not named:
         try:
             fd = os.open(tmp_dir, os.O_WRONLY | os.O_TMPFILE, 0o644)
         except OSError as error:
@@ -71,6 +78,47 @@ def create_temporary(tmp_dir: str, suffix: str = ".part") -> tuple[str, int, boo
             return f"/proc/self/fd/{fd}", fd, False
     path = os.path.join(tmp_dir, f"{secrets.token_hex(8)}{suffix}")
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), True
+
+
+#: The extended attribute that seals a received file with its size and CRC-32,
+#: set just before its one flush (``storage.fsync``: ``Archive._place``). A file
+#: in ``tmp/`` whose bytes match its seal was complete when it was flushed; any
+#: other was not, whatever a power cut left of it.
+SEAL = "user.dicomagent.seal"
+_SEAL = struct.Struct("<QI")
+
+
+def seal(fd: int, size: int, crc: int) -> None:
+    os.setxattr(fd, SEAL, _SEAL.pack(size, crc))
+
+
+def is_sealed_intact(path: str) -> bool:
+    """True when the file at ``path`` carries a seal and its bytes match it."""
+    try:
+        size, crc = _SEAL.unpack(os.getxattr(path, SEAL))
+    except (OSError, struct.error):
+        return False
+    found, length = 0, 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            found = zlib.crc32(chunk, found)
+            length += len(chunk)
+    return (length, found) == (size, crc)
+
+
+def can_seal(directory: str) -> bool:
+    """Whether files in ``directory`` take extended attributes (``SEAL``)."""
+    fd, path = -1, os.path.join(directory, f"{secrets.token_hex(8)}.spare")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        seal(fd, 0, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+            os.unlink(path)
 
 
 #: Any directory: given as a directory fd, it makes Python call linkat(2) (with no
@@ -94,13 +142,14 @@ class IncomingFile:
     """
 
     __slots__ = ("tmp_dir", "path", "fd", "named", "write_ahead", "written_back", "head", "size",
-                 "data_offset", "unwritten", "failure",
+                 "data_offset", "unwritten", "failure", "crc",
                  "sop_class_uid", "sop_instance_uid", "transfer_syntax", "calling_ae_title",
                  "received_at")
 
     def __init__(self, tmp_dir: str, sop_class_uid: str, sop_instance_uid: str,
                  transfer_syntax: str, calling_ae_title: str, received_at: float,
-                 spare: tuple[str, int, bool] | None = None, write_ahead: bool = False):
+                 spare: tuple[str, int, bool] | None = None, write_ahead: bool = False,
+                 checksum: bool = False):
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
         self.transfer_syntax = transfer_syntax
@@ -114,6 +163,8 @@ class IncomingFile:
         self.size = len(header)
         #: The header, until the first fragment goes with it (one system call).
         self.unwritten = header
+        #: CRC-32 of the file so far, kept when asked (``checksum``) for its seal.
+        self.crc = zlib.crc32(header) if checksum else None
         self.tmp_dir = tmp_dir
         self.fd = -1
         self.path = ""
@@ -140,6 +191,7 @@ class IncomingFile:
         incoming.head = bytearray()
         incoming.size = incoming.data_offset = 0
         incoming.unwritten = b""
+        incoming.crc = None
         incoming.failure = reason
         incoming.sop_class_uid = incoming.transfer_syntax = ""
         incoming.sop_instance_uid = sop_instance_uid
@@ -162,6 +214,8 @@ class IncomingFile:
             return
         self.unwritten = b""
         self.size += len(fragment)
+        if self.crc is not None:
+            self.crc = zlib.crc32(fragment, self.crc)
         if len(self.head) < HEAD_LIMIT:
             self.head += fragment[:HEAD_LIMIT - len(self.head)]
         if self.write_ahead and self.size - self.written_back >= WRITE_AHEAD:
