@@ -21,7 +21,7 @@ import signal
 import time
 
 from dicomagent import services
-from dicomagent.archive import Archive, StorageSettings
+from dicomagent.archive import SPARES, Archive, StorageSettings
 from dicomagent.archive.workflow import WorkflowStore
 from dicomagent.association import AcceptorAssociation
 from dicomagent.config import Config
@@ -50,7 +50,7 @@ class Agent:
         self.archive = Archive(agent.data_dir, StorageSettings(
             fsync=storage.fsync, min_free_mb=storage.min_free_mb,
             on_duplicate=storage.on_duplicate, accept_mismatch=storage.accept_mismatch),
-            index_in_process=True)
+            index_in_process=True, spares=SPARES)
         known = None
         if agent.require_known_calling_aet:
             known = frozenset(peer.ae_title for peer in config.peers.values())

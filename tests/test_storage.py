@@ -676,7 +676,7 @@ def start_storescu(node, path: Path) -> subprocess.Popen:
 def receiving_sizes(node) -> list[int]:
     """Sizes of the files the daemon has open in tmp/: the data sets it is receiving (and
     empty spares). Unnamed files (O_TMPFILE) show only in /proc/PID/fd, as
-    ".../tmp/#INODE (deleted)"; named ones end in .part."""
+    ".../tmp/#INODE (deleted)"; named ones end in .spare (fsync on) or .part."""
     fd_dir = f"/proc/{node.pid}/fd"
     tmp = str(node.data_dir / "tmp") + "/"
     sizes = []
@@ -1195,6 +1195,14 @@ def _store_in_process(archive, datasets: list[tuple[Dataset, bytes]]) -> list:
     return results
 
 
+def _wait_for_spares(archive, count: int) -> None:
+    """Until the archive's worker has made ``count`` temporary files ahead."""
+    deadline = time.monotonic() + 10
+    while len(archive._spares) < count:
+        assert time.monotonic() < deadline, "the worker made no spare files"
+        time.sleep(0.01)
+
+
 def _one_series(count: int, patient_id: str) -> list[tuple[Dataset, bytes]]:
     study, series = new_uid(), new_uid()
     return [_encoded("ct", "explicit", patient_id=patient_id, study_uid=study,
@@ -1227,10 +1235,10 @@ def test_fsync_on_flushes_each_object_once_and_its_directories_in_batches(tmp_pa
     monkeypatch.setattr(os, "fdatasync", recording("fdatasync", real_fdatasync))
     data_dir = tmp_path / "data"
     archive = archive_module.Archive(
-        data_dir, archive_module.StorageSettings(fsync=True, min_free_mb=1))
+        data_dir, archive_module.StorageSettings(fsync=True, min_free_mb=1), spares=64)
     datasets = _one_series(12, "ONE-FLUSH")
     try:
-        time.sleep(0.2)                     # the worker makes its spares
+        _wait_for_spares(archive, 64)
         receiving = threading.current_thread().name
         del flushes[:]
         results = _store_in_process(archive, datasets)
@@ -1270,8 +1278,8 @@ def test_restart_files_a_sealed_object_whose_archive_name_was_lost(tmp_path, mon
         # The worker never gets to settle: every name stays in tmp/.
         patch.setattr(archive_module.Archive, "_settle_filed",
                       lambda self, flush_tmp=False: None)
-        archive = archive_module.Archive(data_dir, settings)
-        time.sleep(0.2)
+        archive = archive_module.Archive(data_dir, settings, spares=8)
+        _wait_for_spares(archive, 8)
         datasets = _one_series(3, "SEALED")
         assert [r.status for r in _store_in_process(archive, datasets)] == [SUCCESS] * 3
         archive.close()

@@ -95,9 +95,10 @@ CANNOT_UNDERSTAND = 0xC000
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
-#: Temporary files the worker keeps created ahead of the receiving side (at least as
-#: many as a busy sender stores during one ``BATCH_WAIT``).
-_SPARES = 64
+#: Temporary files the daemon's worker keeps created ahead of the receiving side: more
+#: than a busy sender stores between two of its rounds (``BATCH_WAIT`` and a batch;
+#: with 64, 10-20% of a 2,000-object burst found none left and had to create its own).
+SPARES = 256
 
 
 def safe_uid(uid: str) -> str:
@@ -199,7 +200,7 @@ class Archive:
     """The file store and the index, with the worker thread that writes the index."""
 
     def __init__(self, data_dir: str, settings: StorageSettings = StorageSettings(),
-                 index_in_process: bool = False):
+                 index_in_process: bool = False, spares: int = 0):
         self.data_dir = os.path.abspath(data_dir)
         self.settings = settings
         self.tmp_dir = os.path.join(self.data_dir, "tmp")
@@ -213,7 +214,9 @@ class Archive:
         self._free_ok = True
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._hurry = threading.Event()
+        #: Temporary files created ahead (``SPARES`` for the daemon, none for a tool).
         self._spares: collections.deque[tuple[str, int, bool]] = collections.deque()
+        self._spares_wanted = spares
         #: One flush per object (``_place``): with fsync on, where files take a seal.
         self._one_flush = settings.fsync and can_seal(self.tmp_dir)
         #: Objects answered whose archive entries are not yet flushed: (name in tmp/,
@@ -277,7 +280,7 @@ class Archive:
         """The sink for one C-STORE data set (refused at once when space is short).
 
         Creating a file costs a good part of a small object's time, so the
-        worker keeps a few created ahead (``_SPARES``) and the receiving side
+        worker keeps some created ahead (``SPARES``) and the receiving side
         takes one of those when it can.
         """
         if not self.has_room():
@@ -302,7 +305,7 @@ class Archive:
         """
         made = []
         try:
-            while len(self._spares) + len(made) < _SPARES:
+            while len(self._spares) + len(made) < self._spares_wanted:
                 made.append(create_temporary(self.tmp_dir, ".spare", named=self._one_flush))
             if self._one_flush and made:
                 _fsync_directory(self.tmp_dir)
