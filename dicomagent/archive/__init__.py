@@ -374,7 +374,8 @@ class Archive:
                        checked.sop_instance_uid, checked.study_uid, checked.series_uid,
                        incoming.data_offset, incoming.transfer_syntax, incoming.received_at,
                        incoming.calling_ae_title, checked.result.status, checked.result.comment,
-                       answer=future is not None)
+                       answer=future is not None, size=incoming.size,
+                       crc32=-1 if incoming.crc is None else incoming.crc)
         self._enqueued_through = job.sequence
         self._queue.put(job)
         return future if future is not None else checked.result

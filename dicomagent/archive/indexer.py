@@ -64,6 +64,8 @@ class IndexJob:
     status: int                 # the status it was acknowledged with
     comment: str
     answer: bool = False        # somebody waits for its result: answer at once
+    size: int = -1              # the file's size and CRC-32 when filing knows them (it
+    crc32: int = -1             # kept them for the seal); else read from the file
 
     def __reduce__(self):
         # Pickled as the class and its values: a slotted dataclass's own way (its
@@ -144,7 +146,13 @@ def job_record(job: IndexJob, path: str) -> InstanceRecord:
     filing walk accepted, the object is indexed by its UIDs alone (and a
     warning says so): it was acknowledged, so it must be findable.
     """
-    head, size, crc = file_facts(path, job.data_offset)
+    if job.crc32 >= 0:
+        with open(path, "rb") as handle:
+            handle.seek(job.data_offset)
+            head = handle.read(HEAD_BYTES)
+        size, crc = job.size, job.crc32
+    else:
+        head, size, crc = file_facts(path, job.data_offset)
     record = None
     try:
         record = record_from_head(head, job.transfer_syntax,
