@@ -892,9 +892,12 @@ def _two_versions(tmp_path: Path, tag: str, other_series: bool = False):
     return first, second
 
 
-def test_duplicate_kept(agent, tmp_path):
+@pytest.mark.parametrize("fsync", ["true", "false"])
+def test_duplicate_kept(agent_factory, tmp_path, fsync):
     """on_duplicate = "keep" (default): the second copy is answered with success but not
-    stored; one index row, the first copy untouched."""
+    stored; one index row, the first copy untouched (with fsync on the received file is
+    a named one in tmp/, with fsync off an unnamed one: both are refused their link)."""
+    agent = agent_factory(f"[storage]\nfsync = {fsync}\n")
     first, second = _two_versions(tmp_path, "DUP-KEEP")
     files_before = archive_files(agent.data_dir)
     result = store(agent, first, second)         # in this order, on one association

@@ -359,6 +359,12 @@ class Archive:
         try:
             self._place(checked)
         except OSError as error:
+            if isinstance(error, FileExistsError) and os.path.isfile(checked.final_path):
+                log.info("C-STORE %s from %s: already stored, kept the first copy",
+                         checked.sop_instance_uid, checked.incoming.calling_ae_title)
+                checked.incoming.discard()
+                return StoreResult(SUCCESS, "duplicate SOP Instance UID: first copy kept",
+                                   checked.relative, duplicate=True)
             log.error("C-STORE %s from %s: archive write failed: %s", checked.sop_instance_uid,
                       checked.incoming.calling_ae_title, error)
             checked.incoming.discard()
@@ -423,11 +429,6 @@ class Archive:
         relative = os.path.join("archive", safe_uid(study_uid), safe_uid(series_uid),
                                 safe_uid(sop_instance) + ".dcm")
         final_path = os.path.join(self.data_dir, relative)
-        if self.settings.on_duplicate == "keep" and os.path.isfile(final_path):
-            log.info("C-STORE %s from %s: already stored, kept the first copy",
-                     sop_instance, incoming.calling_ae_title)
-            return StoreResult(SUCCESS, "duplicate SOP Instance UID: first copy kept",
-                               relative, duplicate=True)
         return _Filing(incoming, sop_class, sop_instance, study_uid, series_uid, relative,
                        final_path, StoreResult(status, comment, relative),
                        rewrite=status == WARNING_COERCED_MISMATCH)
@@ -464,8 +465,13 @@ class Archive:
         - **two flushes** (anything else): flush the file, give it its final name,
           flush the directories whose entries changed: its own, and the parent of
           each one made.
+
+        A file already at the final path raises ``FileExistsError`` when the
+        first copy is kept (``on_duplicate = "keep"``): the link says so, no
+        look beforehand.
         """
         incoming = filing.incoming
+        replace = self.settings.on_duplicate == "replace"
         if filing.rewrite:
             self._rewrite_header(incoming, filing.sop_class_uid, filing.sop_instance_uid)
         if incoming.crc is not None and incoming.named:
@@ -475,6 +481,8 @@ class Archive:
                 made = _in_place(filing.final_path, lambda: os.link(incoming.path,
                                                                     filing.final_path))
             except FileExistsError:         # a duplicate to replace: the two-flush way
+                if not replace:
+                    raise
                 incoming.crc = None
             else:
                 os.close(incoming.fd)
@@ -485,7 +493,8 @@ class Archive:
                 return
         if self.settings.fsync:
             os.fdatasync(incoming.fd)       # data and size; the mtime need not wait
-        made = _in_place(filing.final_path, lambda: incoming.put_in_place(filing.final_path))
+        made = _in_place(filing.final_path,
+                         lambda: incoming.put_in_place(filing.final_path, replace))
         os.close(incoming.fd)
         incoming.fd = -1
         incoming.path = ""

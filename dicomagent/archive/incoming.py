@@ -226,7 +226,7 @@ class IncomingFile:
                              os.POSIX_FADV_DONTNEED)
             self.written_back = end
 
-    def put_in_place(self, final_path: str) -> None:
+    def put_in_place(self, final_path: str, replace: bool = True) -> None:
         """Give the received file its final name (the directory must exist).
 
         A named temporary file is renamed. An unnamed one (``O_TMPFILE``) is
@@ -234,13 +234,20 @@ class IncomingFile:
         never replaces a file: when one is there (a duplicate to replace, or
         two copies at once), it is linked under a temporary name in ``tmp/``
         (where a crash leaves it to the next start's clean-up) and renamed over it.
+        Without ``replace``, a file already there raises ``FileExistsError``.
         """
         if self.named:
-            os.replace(self.path, final_path)
+            if replace:
+                os.replace(self.path, final_path)
+            else:
+                os.link(self.path, final_path)
+                os.unlink(self.path)
             return
         try:
             _link_following(self.path, final_path)
         except FileExistsError:
+            if not replace:
+                raise
             staged = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
             _link_following(self.path, staged)
             try:
