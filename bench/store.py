@@ -22,7 +22,9 @@ count): a run that loses an object fails the benchmark. Before each timed run th
 object of the workload is sent once on its own association (the timed run replaces it:
 ``on_duplicate = "replace"``, ``OverwriteInstances``), so that nobody's first-use costs
 land in the figures. Servers take turns in an order rotated every round, and after each
-run the file system is synced, so that write-back of one run does not slow the next.
+run the file system is synced, so that write-back of one run does not slow the next, and
+(as root) the page cache is dropped and the workload read back in before the next one
+(``fresh_page_cache``; ``--keep-cache`` does not).
 
 Storage directories are kept until the end (about rounds x servers x corpus size on
 disk), not removed after each run: ext4's inode allocator skips inodes freed in the last
@@ -599,9 +601,31 @@ class Run:
         return self.bytes / self.seconds / 1e6
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def fresh_page_cache(corpus_dir: str) -> None:
+    """Give every run the same page cache: drop it (root only; the earlier runs' files,
+    synced, are clean) and read the workload's files back in.
+
+    Otherwise the page cache grows by each run's files, and on a virtual machine whose
+    memory the host hands out on first touch, writing into never-used memory costs more
+    than into memory freed before: the CT rounds got slower as a benchmark went on
+    (storescp 792, 773, 421, 315, 339 objects/s in one 5-round run), for every server.
+    """
+    try:
+        DROP_CACHES.write_text("1\n")
+    except OSError:
+        return
+    for path in sorted(Path(corpus_dir).rglob("*.dcm")):
+        path.read_bytes()
+
+
 def one_run(slot: str, workload: str, round_no: int, corpus: dict, workdir: Path,
             env: dict[str, str], args, server_cpus, client_cpus, keep_logs: Path | None) -> Run:
     info = corpus[workload]
+    if args.fresh_cache:
+        fresh_page_cache(info["path"])
     server = Server(slot, workdir, f"{workload}-r{round_no}", env, server_cpus, args.max_pdu)
     expected = info["objects"]
     try:
@@ -760,6 +784,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-pdu", type=int, default=0, metavar="BYTES",
                    help="make every server announce this Maximum Length (default: each server's "
                         "own: dicomagent unlimited, storescp and Orthanc 16384)")
+    p.add_argument("--keep-cache", dest="fresh_cache", action="store_false",
+                   help="do not drop the page cache before each run (see fresh_page_cache; "
+                        "dropping needs root)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="do not send the first object once before each timed run")
     p.add_argument("--cpus", choices=("any", "split"), default="any",
@@ -864,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "store",
             "rounds": args.rounds,
             "warmup": args.warmup,
+            "fresh_cache": args.fresh_cache,
             "max_pdu": args.max_pdu or None,
             "cpus": args.cpus,
             "workloads": {w: {k: v for k, v in corpus[w].items() if k not in ("path", "first")}
