@@ -475,6 +475,9 @@ class Archive:
         if filing.rewrite:
             self._rewrite_header(incoming, filing.sop_class_uid, filing.sop_instance_uid)
         if incoming.crc is not None and incoming.named:
+            if not replace and os.path.isfile(filing.final_path):
+                # A duplicate to drop: not worth a flush (a look costs far less).
+                raise FileExistsError(errno.EEXIST, "already stored", filing.final_path)
             seal(incoming.fd, incoming.size, incoming.crc)
             os.fsync(incoming.fd)           # data, size and seal
             try:
