@@ -453,7 +453,7 @@ class Archive:
         """Flush the temporary file (fsync on) and give it its final name; with fsync
         on, its name is on stable storage before this returns (the response).
 
-        Two ways, both one flush of the data before the name:
+        Either way the data reaches stable storage before the name that points to it:
 
         - **one flush** (a sealed spare, ``_one_flush``): the file already has a
           name on stable storage, in ``tmp/`` (``_refill_spares``). It is sealed
@@ -467,8 +467,9 @@ class Archive:
           each one made.
 
         A file already at the final path raises ``FileExistsError`` when the
-        first copy is kept (``on_duplicate = "keep"``): the link says so, no
-        look beforehand.
+        first copy is kept (``on_duplicate = "keep"``): the link says so, with
+        no look per object beforehand, except before a flush (a look costs far
+        less than flushing a duplicate).
         """
         incoming = filing.incoming
         replace = self.settings.on_duplicate == "replace"
@@ -476,7 +477,6 @@ class Archive:
             self._rewrite_header(incoming, filing.sop_class_uid, filing.sop_instance_uid)
         if incoming.crc is not None and incoming.named:
             if not replace and os.path.isfile(filing.final_path):
-                # A duplicate to drop: not worth a flush (a look costs far less).
                 raise FileExistsError(errno.EEXIST, "already stored", filing.final_path)
             seal(incoming.fd, incoming.size, incoming.crc)
             os.fsync(incoming.fd)           # data, size and seal
