@@ -71,7 +71,7 @@ class AgentSettings:
 
 @dataclass
 class StorageConfig:
-    #: fsync each stored file and its directory before C-STORE-RSP success.
+    #: Each stored file and its name on stable storage before C-STORE-RSP success.
     fsync: bool = True
     #: Refuse data sets (A700) when the data dir's file system has less free space (MiB).
     min_free_mb: int = 100

@@ -315,8 +315,8 @@ def markdown(data: dict) -> str:
     add("")
     add("The daemon listens on one TCP port and serves any number of associations at once on "
         "one event loop. A C-STORE data set is written to a temporary file as it arrives, "
-        "checked, flushed to stable storage, indexed and renamed into the archive before the "
-        "C-STORE-RSP is sent. Queries are answered from the index (no file is opened). "
+        "checked, flushed to stable storage and linked into the archive before the C-STORE-RSP "
+        "is sent, and indexed just after (before the association is released). Queries are answered from the index (no file is opened). "
         "Worklist items, procedure steps, storage commitment requests and forwarded messages "
         "are records of a database in the data directory, so none is lost on a restart. Each "
         "`dicomagent` command opens one association (several for `store` when more than 128 "
