@@ -1327,6 +1327,31 @@ def test_restart_files_a_sealed_object_whose_archive_name_was_lost(tmp_path, mon
     assert "partial.spare (incomplete when the agent stopped)" in caplog.text
 
 
+def test_deleted_object_does_not_come_back_from_tmp(tmp_path):
+    """An object deleted (retention) just after it was stored must stay deleted after a
+    crash: its name in tmp/ (one-flush filing keeps it until the archive directory is
+    flushed) is dropped, and that drop flushed, before the deletion runs."""
+    import dicomagent.archive as archive_module
+
+    data_dir = tmp_path / "data"
+    settings = archive_module.StorageSettings(fsync=True, min_free_mb=1)
+    archive = archive_module.Archive(data_dir, settings, spares=8)
+    _wait_for_spares(archive, 8)
+    (ds, encoded), (kept, kept_encoded) = _one_series(2, "DELETED")
+    assert [r.status for r in _store_in_process(archive, [(ds, encoded)])] == [SUCCESS]
+    assert archive.call(lambda a: a.delete(ds.SOPInstanceUID)).result(timeout=60)
+    assert [r.status for r in _store_in_process(archive, [(kept, kept_encoded)])] == [SUCCESS]
+    # A crash now: the worker stops without settling what was filed last.
+    archive._settle_filed = lambda flush_tmp=False: None
+    archive.close()
+    (data_dir / "index.pending").touch()
+    archive = archive_module.Archive(data_dir, settings)
+    archive.close()
+    assert not archive_path(data_dir, ds).exists(), "a deleted object came back from tmp/"
+    assert archive_path(data_dir, kept).is_file()
+    assert set(assert_archive_consistent(data_dir)) == {kept.SOPInstanceUID}
+
+
 def test_failed_rename_leaves_no_index_row(agent_factory):
     """When filing fails after the index commit (here: a directory squats the final path),
     the C-STORE fails and the index must not keep a row for a file that is not there;
