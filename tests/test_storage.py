@@ -1352,6 +1352,37 @@ def test_deleted_object_does_not_come_back_from_tmp(tmp_path):
     assert set(assert_archive_consistent(data_dir)) == {kept.SOPInstanceUID}
 
 
+def test_spare_files_are_kept_for_the_next_start(tmp_path):
+    """With fsync on, the empty temporary files made ahead (named, in tmp/) and not used
+    stay there at a stop and are the next start's spares (ext4 without a journal makes
+    creating files slow for minutes after many were freed); a data set is received
+    into one of them."""
+    import dicomagent.archive as archive_module
+
+    data_dir = tmp_path / "data"
+    settings = archive_module.StorageSettings(fsync=True, min_free_mb=1)
+
+    def spares() -> dict[str, int]:
+        return {entry.name: entry.inode() for entry in os.scandir(data_dir / "tmp")
+                if entry.name.endswith(".spare") and entry.stat().st_size == 0}
+
+    archive = archive_module.Archive(data_dir, settings, spares=8)
+    _wait_for_spares(archive, 8)
+    archive.close()
+    made = spares()
+    assert len(made) == 8, made
+    archive = archive_module.Archive(data_dir, settings, spares=8)
+    try:
+        _wait_for_spares(archive, 8)
+        assert spares() == made, "the spares left by the last stop were not taken"
+        (ds, encoded), = _one_series(1, "KEPT-SPARES")
+        assert [r.status for r in _store_in_process(archive, [(ds, encoded)])] == [SUCCESS]
+        assert archive_path(data_dir, ds).stat().st_ino in made.values()
+    finally:
+        archive.close()
+    assert_archive_consistent(data_dir)
+
+
 def test_failed_rename_leaves_no_index_row(agent_factory):
     """When filing fails after the index commit (here: a directory squats the final path),
     the C-STORE fails and the index must not keep a row for a file that is not there;

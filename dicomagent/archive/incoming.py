@@ -8,14 +8,13 @@ fragment goes from the receive buffer to the file with no copy. The first ``HEAD
 are also kept in memory, so the attributes the index needs can usually be
 parsed without reading the file back.
 
-Nothing here is in the archive yet. With ``storage.fsync`` off, where the
-file system allows it (Linux ``O_TMPFILE``), the file has no name at all
-until filing links it into the archive, so a crash leaves nothing behind;
-elsewhere it is a named file in ``tmp/`` (removed at the next start) until
-it is renamed into place. With fsync on it is a named ``.spare`` file made
-ahead, and its CRC-32 is kept as it is written: filing seals it (``SEAL``)
-before its one flush, so that a restart can tell a complete file from
-whatever a power cut left of one.
+Nothing here is in the archive yet. The file is normally one that the
+archive's worker made ahead: unnamed where the file system allows it (Linux
+``O_TMPFILE``), so that a crash leaves nothing behind, else a named file in
+``tmp/`` (removed at the next start unless empty) — and always named, a
+``.spare`` file, with fsync on. Then its CRC-32 is kept as it is written:
+filing seals it (``SEAL``) before its one flush, so that a restart can tell
+a complete file from whatever a power cut left of one.
 """
 
 from __future__ import annotations
