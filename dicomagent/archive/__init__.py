@@ -71,7 +71,6 @@ import re
 import sqlite3
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 
 import pydicom
@@ -79,7 +78,7 @@ import pydicom
 from dicomagent.archive.indexer import (PENDING_MARGIN, IndexJob, IndexResult, ProcessIndexer,
                                         ThreadIndexer, index_jobs, parse_file)
 from dicomagent.archive.incoming import (IncomingFile, can_seal, create_temporary,
-                                         is_sealed_intact, seal)
+                                         file_crc32, is_sealed_intact, seal)
 from dicomagent.archive.index import SQLiteIndex
 from dicomagent.archive.keys import INDEXED_TAGS
 from dicomagent.archive.structure import StructureError, check_structure
@@ -433,8 +432,7 @@ class Archive:
                 log.warning("C-STORE from %s refused: %s", incoming.calling_ae_title, comment)
                 return StoreResult(DATA_SET_DOES_NOT_MATCH, comment)
             status = WARNING_COERCED_MISMATCH
-        relative = os.path.join("archive", safe_uid(study_uid), safe_uid(series_uid),
-                                safe_uid(sop_instance) + ".dcm")
+        relative = _relative_path(study_uid, series_uid, sop_instance)
         final_path = os.path.join(self.data_dir, relative)
         return _Filing(incoming, sop_class, sop_instance, study_uid, series_uid, relative,
                        final_path, StoreResult(status, comment, relative),
@@ -509,8 +507,7 @@ class Archive:
         incoming.fd = -1
         incoming.path = ""
         if self.settings.fsync:
-            for directory in [os.path.dirname(filing.final_path), *made]:
-                _fsync_directory(directory)
+            _fsync_directories(filing.final_path, made)
 
     def _settle_filed(self, flush_tmp: bool = False) -> None:
         """On the worker: flush the archive directories of the objects filed in one
@@ -644,7 +641,7 @@ class Archive:
             return 0x0119
         path = os.path.join(self.data_dir, row["path"])
         try:
-            if os.path.getsize(path) != row["size"] or _crc32(path) != row["crc32"]:
+            if os.path.getsize(path) != row["size"] or file_crc32(path) != row["crc32"]:
                 log.warning("storage commitment: %s differs from what was stored", row["path"])
                 return 0x0110
         except OSError as error:
@@ -721,14 +718,12 @@ class Archive:
         except Exception as error:  # noqa: BLE001 - sealed, so ours; unreadable: say so
             log.error("%s: sealed but unreadable, not filed: %s", path, error)
             return
-        final = os.path.join(self.archive_dir, safe_uid(study), safe_uid(series),
-                             safe_uid(sop_instance) + ".dcm")
+        final = os.path.join(self.data_dir, _relative_path(study, series, sop_instance))
         if os.path.exists(final):
             return
         made = _in_place(final, lambda: os.link(path, final))
         if self.settings.fsync:
-            for directory in [os.path.dirname(final), *made]:
-                _fsync_directory(directory)
+            _fsync_directories(final, made)
         log.warning("filed %s again: flushed before the last stop, its name in the archive "
                     "was not", os.path.relpath(final, self.data_dir))
 
@@ -845,6 +840,12 @@ class Archive:
         return outcome
 
 
+def _relative_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+    """Where an object is filed, under the data dir (never a path from the peer)."""
+    return os.path.join("archive", safe_uid(study_uid), safe_uid(series_uid),
+                        safe_uid(sop_instance_uid) + ".dcm")
+
+
 def _in_place(final_path: str, put) -> list[str]:
     """``put()`` a file at ``final_path``, making its directories when missing (the
     series' first object); returns the parents of the directories made."""
@@ -887,9 +888,8 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+def _fsync_directories(final_path: str, made: list[str]) -> None:
+    """Flush the directories whose entries changed when ``final_path`` was put in place:
+    its own, and the parent of each one made for it (``_in_place``)."""
+    for directory in [os.path.dirname(final_path), *made]:
+        _fsync_directory(directory)

@@ -125,9 +125,16 @@ def parse_file(path: str) -> pydicom.Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(INDEXED_TAGS))
 
 
-def file_facts(path: str, data_offset: int) -> tuple[bytes, int, int]:
-    """(the data set's first ``HEAD_BYTES``, file size, CRC-32 of the whole file)."""
+def file_facts(path: str, data_offset: int, size: int = -1, crc: int = -1
+               ) -> tuple[bytes, int, int]:
+    """(the data set's first ``HEAD_BYTES``, file size, CRC-32 of the whole file).
+
+    Given the size and CRC-32 (filing kept them for the seal), only the head is read.
+    """
     with open(path, "rb") as handle:
+        if crc >= 0:
+            handle.seek(data_offset)
+            return handle.read(HEAD_BYTES), size, crc
         preamble_and_meta = handle.read(data_offset)
         head = handle.read(HEAD_BYTES)
         crc = zlib.crc32(head, zlib.crc32(preamble_and_meta))
@@ -146,13 +153,7 @@ def job_record(job: IndexJob, path: str) -> InstanceRecord:
     filing walk accepted, the object is indexed by its UIDs alone (and a
     warning says so): it was acknowledged, so it must be findable.
     """
-    if job.crc32 >= 0:
-        with open(path, "rb") as handle:
-            handle.seek(job.data_offset)
-            head = handle.read(HEAD_BYTES)
-        size, crc = job.size, job.crc32
-    else:
-        head, size, crc = file_facts(path, job.data_offset)
+    head, size, crc = file_facts(path, job.data_offset, job.size, job.crc32)
     record = None
     try:
         record = record_from_head(head, job.transfer_syntax,
