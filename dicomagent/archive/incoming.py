@@ -34,6 +34,10 @@ HEAD_LIMIT = 64 * 1024
 #: and at the end of the data set.
 WRITE_AHEAD = 256 * 1024
 
+#: Whether write-back can be started early: Linux starts it for ``POSIX_FADV_DONTNEED``
+#: (other systems may lack ``posix_fadvise``; there the flush does it all).
+_CAN_WRITE_AHEAD = hasattr(os, "posix_fadvise")
+
 
 def write_all(fd: int, data, before: bytes = b"") -> None:
     """``os.write`` until every byte is written (regular files rarely write short);
@@ -173,7 +177,7 @@ class IncomingFile:
         self.fd = -1
         self.path = ""
         self.named = False
-        self.write_ahead = write_ahead
+        self.write_ahead = write_ahead and _CAN_WRITE_AHEAD
         self.written_back = 0
         try:
             if spare is not None:
