@@ -1217,8 +1217,7 @@ def test_fsync_on_flushes_each_object_once_and_its_directories_in_batches(tmp_pa
     """With fsync on, the response waits for one flush per object: the data set, its
     size and its seal (size and CRC-32) together, written into a file whose name in
     tmp/ was flushed before it was handed out. The archive directories are flushed by
-    the worker, for many objects at once, before those names in tmp/ are dropped.
-    Write-back of a data set starts as soon as it is complete."""
+    the worker, for many objects at once, before those names in tmp/ are dropped."""
     import stat
     import threading
 
@@ -1237,16 +1236,6 @@ def test_fsync_on_flushes_each_object_once_and_its_directories_in_batches(tmp_pa
 
     monkeypatch.setattr(os, "fsync", recording("fsync", real_fsync))
     monkeypatch.setattr(os, "fdatasync", recording("fdatasync", real_fdatasync))
-    real_fadvise = os.posix_fadvise
-
-    def fadvise(fd, offset, length, advice):
-        if advice == os.POSIX_FADV_DONTNEED:     # Linux: starts write-back of the range
-            # Write-back reaches the end of the file (length 0: to the end).
-            kind = "to the end" if length == 0 else f"{offset}+{length}"
-            flushes.append((threading.current_thread().name, "write-back", kind))
-        return real_fadvise(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", fadvise)
     data_dir = tmp_path / "data"
     # The seal is an extended attribute: ext4 (this project's CI) takes them.
     assert can_seal(str(tmp_path)), "this file system takes no extended attributes"
@@ -1260,10 +1249,7 @@ def test_fsync_on_flushes_each_object_once_and_its_directories_in_batches(tmp_pa
         results = _store_in_process(archive, datasets)
         on_the_way = [entry for entry in flushes if entry[0] == receiving]
         assert [r.status for r in results] == [SUCCESS] * 12
-        # Write-back of each data set starts when it is complete, before it is checked,
-        # so that the flush is left little but the inode to write.
-        assert on_the_way == [(receiving, "write-back", "to the end"),
-                              (receiving, "fsync", "file")] * 12, on_the_way
+        assert on_the_way == [(receiving, "fsync", "file")] * 12, on_the_way
         for ds, _ in datasets:
             path = archive_path(data_dir, ds)
             assert is_sealed_intact(str(path)), path
