@@ -6,6 +6,10 @@ run, the same command for every server) to each server in turn, on 127.0.0.1:
 
 - ``dicomagent serve`` with ``storage.fsync = false`` and with ``storage.fsync = true``;
 - DCMTK ``storescp`` (single process, no fsync);
+- the same ``storescp`` with a flush per object ("storescp-fsync"): run under
+  ``bench/flushclose.c`` (an LD_PRELOAD library, built here with gcc), which fsyncs every
+  file it writes as it closes it: what a C++ SCP pays for the durability dicomagent gives
+  with fsync on (a lower bound: the file's data and size, not its directory entry);
 - Orthanc (Debian package ``orthanc``; its default ``SyncStorageArea`` fsyncs every file).
 
 Workloads: "ct", 300 CT Image Storage objects of 512x512 16-bit (about 157 MB, one study), and
@@ -78,9 +82,13 @@ SERVERS = {
     "dicomagent-nofsync": {"kind": "dicomagent", "label": "dicomagent (fsync off)", "fsync": False},
     "dicomagent-fsync": {"kind": "dicomagent", "label": "dicomagent (fsync on)", "fsync": True},
     "storescp": {"kind": "storescp", "label": "DCMTK storescp"},
+    "storescp-fsync": {"kind": "storescp", "label": "storescp + fsync/file", "flush": True},
     "orthanc": {"kind": "orthanc", "label": "Orthanc"},
 }
 WORKLOADS = ("ct", "small")
+#: storescp-fsync's flush library: its source, and where ``build_flush_library`` put it.
+FLUSH_SOURCE = REPO / "bench" / "flushclose.c"
+FLUSH_LIBRARY: Path | None = None
 
 
 class BenchError(Exception):
@@ -348,6 +356,16 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
+def build_flush_library(workdir: Path) -> Path:
+    """Compile ``bench/flushclose.c`` (see its header) for storescp-fsync."""
+    target = workdir / "flushclose.so"
+    out = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(target), str(FLUSH_SOURCE),
+                          "-ldl"], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise BenchError(f"gcc could not build {FLUSH_SOURCE.name}:\n{out.stderr.strip()}")
+    return target
+
+
 class Server:
     """One server process, started afresh for one run on an empty storage directory."""
 
@@ -387,6 +405,8 @@ class Server:
     def _storescp(self, env, max_pdu):
         self.storage.mkdir()
         pdu = ["-pdu", str(max_pdu)] if max_pdu else []
+        if self.spec.get("flush"):
+            env = dict(env, LD_PRELOAD=str(FLUSH_LIBRARY), FLUSHCLOSE_COUNT=str(self.dir / "flushed"))
         return "STORESCP", ["storescp", "-aet", "STORESCP", *pdu, "-od", str(self.storage),
                             str(self.port)], env
 
@@ -441,6 +461,13 @@ class Server:
 
     def cpu_times(self) -> tuple[float, float]:
         return cpu_times(self.proc.pid)
+
+    def flushes(self) -> int:
+        """storescp-fsync: the files its flush library has flushed so far."""
+        try:
+            return int((self.dir / "flushed").read_text())
+        except (OSError, ValueError):
+            return 0
 
     def count_live(self) -> int:
         """Objects the running server holds, by its own account."""
@@ -654,6 +681,9 @@ def one_run(slot: str, workload: str, round_no: int, corpus: dict, workdir: Path
         if held != expected:
             raise BenchError(f"{slot} {workload}: the server holds {held} objects after the run, "
                              f"{expected} were sent and acknowledged\n{server.log_tail()}")
+        if server.spec.get("flush") and server.flushes() < expected:
+            raise BenchError(f"{slot} {workload}: {server.flushes()} files flushed for "
+                             f"{expected} objects: the flush library did not take")
     finally:
         code = server.stop()
     if server.kind == "dicomagent":
@@ -724,7 +754,9 @@ def summarize(runs: list[Run], slots: list[str], workloads: list[str]) -> dict:
 
 
 RATIOS = [("dicomagent-nofsync", "storescp"), ("dicomagent-fsync", "storescp"),
-          ("dicomagent-nofsync", "orthanc"), ("dicomagent-fsync", "orthanc")]
+          ("dicomagent-fsync", "storescp-fsync"),
+          ("dicomagent-nofsync", "orthanc"), ("dicomagent-fsync", "orthanc"),
+          ("storescp-fsync", "orthanc")]
 
 
 def ratios(summary: dict) -> dict:
@@ -822,6 +854,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     needed = {"storescu"} | {"storescp" for s in args.servers if SERVERS[s]["kind"] == "storescp"}
+    flushing = any(SERVERS[s].get("flush") for s in args.servers)
+    if flushing:
+        needed.add("gcc")
     missing = [tool for tool in sorted(needed) if shutil.which(tool) is None]
     if any(SERVERS[s]["kind"] == "orthanc" for s in args.servers) and not os.access(ORTHANC, os.X_OK):
         missing.append(ORTHANC)
@@ -844,6 +879,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         workdir = Path(tmp)
         try:
+            if flushing:
+                global FLUSH_LIBRARY
+                FLUSH_LIBRARY = build_flush_library(workdir)
             corpus_root = Path(args.corpus) if args.corpus else workdir / "corpus"
             corpus = prepare_corpus(corpus_root, {w: getattr(args, w) for w in args.workloads})
             needed = 1.2 * args.rounds * len(args.servers) * sum(c["bytes"] for c in corpus.values())

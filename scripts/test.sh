@@ -18,7 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON="${PYTHON:-python3}"
 FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
-DEBIAN_PACKAGES=(dcmtk orthanc)
+DEBIAN_PACKAGES=(dcmtk orthanc gcc libc6-dev)   # gcc: bench/flushclose.c
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_ROOT_USER_ACTION=ignore
