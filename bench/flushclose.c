@@ -3,9 +3,9 @@
  * it wrote to stable storage (fsync) as it closes it, through close() or fclose().
  *
  * bench/store.py runs DCMTK storescp under it ("storescp-fsync"): a C++ SCP that pays
- * one flush per received object, the cost dicomagent pays with storage.fsync on. It is
- * the cheaper half of that durability: the file's data and size, not its directory
- * entry. Each flush is counted in the file named by FLUSHCLOSE_COUNT (if set), so the
+ * one flush per received object, the cost dicomagent pays with storage.fsync on: the
+ * file's data and size, and its directory entry where the file system's fsync writes a
+ * new file's entry too (ext4 without a journal does). Each flush is counted in the file named by FLUSHCLOSE_COUNT (if set), so the
  * benchmark can check that the flushes happened.
  *
  * Built by bench/store.py: gcc -O2 -shared -fPIC -o flushclose.so flushclose.c -ldl

@@ -9,7 +9,8 @@ run, the same command for every server) to each server in turn, on 127.0.0.1:
 - the same ``storescp`` with a flush per object ("storescp-fsync"): run under
   ``bench/flushclose.c`` (an LD_PRELOAD library, built here with gcc), which fsyncs every
   file it writes as it closes it: what a C++ SCP pays for the durability dicomagent gives
-  with fsync on (a lower bound: the file's data and size, not its directory entry);
+  with fsync on (the file's data and size; its directory entry only where fsync of a new
+  file writes that too, as on ext4 without a journal);
 - Orthanc (Debian package ``orthanc``; its default ``SyncStorageArea`` fsyncs every file).
 
 Workloads: "ct", 300 CT Image Storage objects of 512x512 16-bit (about 157 MB, one study), and
