@@ -91,7 +91,10 @@ class Association:
         self.calling_ae_title = ""
         self.called_ae_title = ""
         self._message_id = 0
-        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
+        #: The event loop it runs on (``asyncio.get_running_loop()`` makes a system call,
+        #: getpid, each time).
+        self.loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future = self.loop.create_future()
         self.end_reason = ""
         #: (request message class, abstract syntax) -> handler, for requests from the peer.
         self.handlers: dict = {}
@@ -146,7 +149,7 @@ class Association:
         result = handler(self, context, received)
         if type(result) is types.CoroutineType:
             self._busy += 1
-            task = asyncio.get_running_loop().create_task(result)
+            task = self.loop.create_task(result)
             task.add_done_callback(self._operation_done)
 
     def _operation_done(self, task: asyncio.Task) -> None:
@@ -167,7 +170,7 @@ class Association:
         response).
         """
         self._busy += 1
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         future.add_done_callback(
             lambda done: loop.call_soon_threadsafe(self._call_when_done, done, callback))
 

@@ -1383,6 +1383,66 @@ def test_spare_files_are_kept_for_the_next_start(tmp_path):
     assert_archive_consistent(data_dir)
 
 
+def test_spares_taken_are_replaced_by_the_receiving_side(tmp_path, monkeypatch):
+    """Each spare file taken is replaced by ``make_spare`` (which the C-STORE handler
+    calls on the event loop after its response), never beyond the number wanted. With
+    fsync off the new one is unnamed and at once usable; with fsync on it is named in
+    tmp/ and handed out only after the worker has flushed tmp/."""
+    import stat
+    import threading
+
+    import dicomagent.archive as archive_module
+
+    # fsync off: unnamed files, usable at once.
+    archive = archive_module.Archive(
+        tmp_path / "off", archive_module.StorageSettings(fsync=False, min_free_mb=1), spares=4)
+    try:
+        _wait_for_spares(archive, 4)
+        (ds, encoded), = _one_series(1, "SPARE-OFF")
+        assert [r.status for r in _store_in_process(archive, [(ds, encoded)])] == [SUCCESS]
+        assert len(archive._spares) == 3
+        archive.make_spare()
+        archive.make_spare()            # already 4: nothing more
+        assert len(archive._spares) == 4
+        assert [named for _, _, named in archive._spares] == [False] * 4
+    finally:
+        archive.close()
+
+    # fsync on: named, and not handed out before tmp/ is flushed.
+    flushed_tmp: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.path.samefile(
+                f"/proc/self/fd/{fd}", tmp_path / "on" / "tmp"):
+            flushed_tmp.append(threading.current_thread().name)
+        return real_fsync(fd)
+
+    archive = archive_module.Archive(
+        tmp_path / "on", archive_module.StorageSettings(fsync=True, min_free_mb=1), spares=4)
+    try:
+        _wait_for_spares(archive, 4)
+        first, second = _one_series(2, "SPARE-ON")
+        assert [r.status for r in _store_in_process(archive, [first])] == [SUCCESS]
+        archive.caught_up().result(timeout=60)
+        monkeypatch.setattr(os, "fsync", fsync)
+        archive.make_spare()
+        assert len(archive._spares) == 3 and len(archive._spares_unflushed) == 1
+        (path, _, named), = archive._spares_unflushed
+        assert named and os.path.dirname(path) == str(tmp_path / "on" / "tmp")
+        assert flushed_tmp == []
+        # The next object's batch on the worker flushes tmp/ and hands the new one out.
+        assert [r.status for r in _store_in_process(archive, [second])] == [SUCCESS]
+        deadline = time.monotonic() + 10
+        while archive._spares_unflushed or len(archive._spares) < 3:
+            assert time.monotonic() < deadline, "the new spare was never handed out"
+            time.sleep(0.01)
+        assert "archive" in flushed_tmp, flushed_tmp
+        assert path in [spare_path for spare_path, _, _ in archive._spares]
+    finally:
+        archive.close()
+
+
 def test_failed_rename_leaves_no_index_row(agent_factory):
     """When filing fails after the index commit (here: a directory squats the final path),
     the C-STORE fails and the index must not keep a row for a file that is not there;

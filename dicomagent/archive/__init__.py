@@ -95,9 +95,8 @@ CANNOT_UNDERSTAND = 0xC000
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
-#: Temporary files the daemon's worker keeps created ahead of the receiving side: more
-#: than a busy sender stores between two of its rounds (``BATCH_WAIT`` and a batch;
-#: with 64, 10-20% of a 2,000-object burst found none left and had to create its own).
+#: Temporary files kept created ahead of the receiving side (``make_spare``): enough
+#: for many associations storing at once, each taking one per object.
 SPARES = 256
 
 
@@ -217,6 +216,8 @@ class Archive:
         #: Temporary files created ahead (``SPARES`` for the daemon, none for a tool).
         self._spares: collections.deque[tuple[str, int, bool]] = collections.deque()
         self._spares_wanted = spares
+        #: Named spares made by ``make_spare``, handed out once ``tmp/`` is flushed.
+        self._spares_unflushed: collections.deque[tuple[str, int, bool]] = collections.deque()
         #: One flush per object (``_place``): with fsync on, where files take a seal.
         self._one_flush = settings.fsync and can_seal(self.tmp_dir)
         #: Objects answered whose archive entries are not yet flushed: (name in tmp/,
@@ -279,9 +280,9 @@ class Archive:
                       calling_ae_title: str) -> IncomingFile:
         """The sink for one C-STORE data set (refused at once when space is short).
 
-        Creating a file costs a good part of a small object's time, so the
-        worker keeps some created ahead (``SPARES``) and the receiving side
-        takes one of those when it can.
+        Creating a file costs a good part of a small object's time, so some
+        are kept created ahead (``SPARES``, ``make_spare``) and the receiving
+        side takes one of those when it can.
         """
         if not self.has_room():
             return IncomingFile.refused("out-of-resources: less free space than "
@@ -296,8 +297,47 @@ class Archive:
                             write_ahead=self.settings.fsync,
                             checksum=self._one_flush and spare is not None)
 
+    def make_spare(self) -> None:
+        """On the event loop, once a data set is answered: replace the spare it took.
+
+        A serial sender (storescu, most modalities) waits for each response
+        before it sends its next request, so the event loop is idle between
+        the two, and that is when the next object's file is made. (Made by the
+        worker thread instead, the files cost every object a few thread
+        switches: the worker and the event loop took turns at the interpreter
+        lock around each file the worker created, 10-15% of a small object's
+        cycle.) Named spares (one-flush filing) wait in ``_spares_unflushed``
+        for the worker to flush ``tmp/`` (``_hand_out_spares``).
+        """
+        if len(self._spares) + len(self._spares_unflushed) >= self._spares_wanted:
+            return
+        try:
+            spare = create_temporary(self.tmp_dir, ".spare", named=self._one_flush)
+        except OSError:
+            return              # the next object creates its own, and says why if it can't
+        (self._spares_unflushed if self._one_flush else self._spares).append(spare)
+
+    def _hand_out_spares(self) -> None:
+        """On the worker: flush ``tmp/`` for the named spares made since the last time,
+        and hand them out."""
+        if not self._spares_unflushed:
+            return
+        made = []
+        while self._spares_unflushed:
+            made.append(self._spares_unflushed.popleft())
+        try:
+            _fsync_directory(self.tmp_dir)
+        except OSError as error:
+            log.warning("cannot flush %s: %s", self.tmp_dir, error.strerror)
+            for path, fd, _ in made:
+                os.close(fd)
+                os.unlink(path)
+            return
+        self._spares.extend(made)
+
     def _refill_spares(self) -> None:
-        """On the worker: create temporary files ahead for ``open_incoming``.
+        """On the worker, at start: create temporary files ahead for ``open_incoming``
+        (from then on the event loop replaces each one taken: ``make_spare``).
 
         For one-flush filing they are named files in ``tmp/``, handed out only
         once ``tmp/`` is flushed: a data set written into one has a name on
@@ -598,7 +638,7 @@ class Archive:
             if batch:
                 self._settle_filed()
                 self._indexer.index_jobs(batch)
-            self._refill_spares()
+            self._hand_out_spares()
 
     def _indexed(self, results: "list[IndexResult] | None", through: int) -> None:
         """The indexer's answer for the jobs up to ``through`` (``results`` None: failed).
@@ -805,9 +845,10 @@ class Archive:
         self._indexer.close()
         if getattr(self._indexer, "failed", False):
             self._index_failed = True
-        while self._spares:             # named ones stay, for the next start
-            path, fd, named = self._spares.popleft()
-            os.close(fd)
+        for spares in (self._spares, self._spares_unflushed):
+            while spares:               # named ones stay, for the next start
+                path, fd, named = spares.popleft()
+                os.close(fd)
         self.reader.shutdown(wait=True)
         if self._read_db is not None:
             self._read_db.close()
