@@ -1384,31 +1384,31 @@ def test_spare_files_are_kept_for_the_next_start(tmp_path):
 
 
 def test_spares_taken_are_replaced_by_the_receiving_side(tmp_path, monkeypatch):
-    """Each spare file taken is replaced by ``make_spare`` (which the C-STORE handler
-    calls on the event loop after its response), never beyond the number wanted. With
-    fsync off the new one is unnamed and at once usable; with fsync on it is named in
-    tmp/ and handed out only after the worker has flushed tmp/."""
+    """With fsync off, each spare file taken is replaced by ``make_spare`` (which the
+    C-STORE handler calls on the event loop after its response): unnamed, at most two
+    at a time, never beyond the number wanted. With fsync on, spares are named in tmp/
+    and the worker replaces them, flushing tmp/ before it hands them out."""
     import stat
     import threading
 
     import dicomagent.archive as archive_module
 
-    # fsync off: unnamed files, usable at once.
     archive = archive_module.Archive(
         tmp_path / "off", archive_module.StorageSettings(fsync=False, min_free_mb=1), spares=4)
     try:
         _wait_for_spares(archive, 4)
-        (ds, encoded), = _one_series(1, "SPARE-OFF")
-        assert [r.status for r in _store_in_process(archive, [(ds, encoded)])] == [SUCCESS]
+        assert [r.status for r in _store_in_process(archive, _one_series(3, "SPARE-OFF"))] \
+            == [SUCCESS] * 3
+        assert len(archive._spares) == 1
+        archive.make_spare()
         assert len(archive._spares) == 3
         archive.make_spare()
-        archive.make_spare()            # already 4: nothing more
+        archive.make_spare()
         assert len(archive._spares) == 4
         assert [named for _, _, named in archive._spares] == [False] * 4
     finally:
         archive.close()
 
-    # fsync on: named, and not handed out before tmp/ is flushed.
     flushed_tmp: list[str] = []
     real_fsync = os.fsync
 
@@ -1422,23 +1422,26 @@ def test_spares_taken_are_replaced_by_the_receiving_side(tmp_path, monkeypatch):
         tmp_path / "on", archive_module.StorageSettings(fsync=True, min_free_mb=1), spares=4)
     try:
         _wait_for_spares(archive, 4)
-        first, second = _one_series(2, "SPARE-ON")
-        assert [r.status for r in _store_in_process(archive, [first])] == [SUCCESS]
-        archive.caught_up().result(timeout=60)
+        before = {path for path, _, _ in archive._spares}
         monkeypatch.setattr(os, "fsync", fsync)
-        archive.make_spare()
-        assert len(archive._spares) == 3 and len(archive._spares_unflushed) == 1
-        (path, _, named), = archive._spares_unflushed
-        assert named and os.path.dirname(path) == str(tmp_path / "on" / "tmp")
-        assert flushed_tmp == []
-        # The next object's batch on the worker flushes tmp/ and hands the new one out.
-        assert [r.status for r in _store_in_process(archive, [second])] == [SUCCESS]
-        deadline = time.monotonic() + 10
-        while archive._spares_unflushed or len(archive._spares) < 3:
-            assert time.monotonic() < deadline, "the new spare was never handed out"
-            time.sleep(0.01)
-        assert "archive" in flushed_tmp, flushed_tmp
-        assert path in [spare_path for spare_path, _, _ in archive._spares]
+        made_by: list[str] = []
+        real_create = archive_module.create_temporary
+
+        def create(*args, **kwargs):
+            made_by.append(threading.current_thread().name)
+            return real_create(*args, **kwargs)
+
+        monkeypatch.setattr(archive_module, "create_temporary", create)
+        assert [r.status for r in _store_in_process(archive, _one_series(2, "SPARE-ON"))] \
+            == [SUCCESS] * 2
+        archive.make_spare()            # not the event loop's to make
+        archive.caught_up().result(timeout=60)
+        _wait_for_spares(archive, 4)
+        new = [(path, named) for path, _, named in archive._spares if path not in before]
+        assert len(new) == 2 and all(named and os.path.dirname(path) == str(
+            tmp_path / "on" / "tmp") for path, named in new), new
+        assert "archive" in flushed_tmp, "named spares handed out without a flush of tmp/"
+        assert set(made_by) == {"archive"}, made_by
     finally:
         archive.close()
 
