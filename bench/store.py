@@ -11,7 +11,10 @@ run, the same command for every server) to each server in turn, on 127.0.0.1:
   file it writes as it closes it: what a C++ SCP pays for the durability dicomagent gives
   with fsync on (the file's data and size; its directory entry only where fsync of a new
   file writes that too, as on ext4 without a journal);
-- Orthanc (Debian package ``orthanc``; its default ``SyncStorageArea`` fsyncs every file).
+- Orthanc (Debian package ``orthanc``; its default ``SyncStorageArea`` fsyncs every file);
+- when named in ``--servers`` only: ``bench/floor.py`` ("python-floor", "python-floor-fsync"),
+  the least a Python SCP can do per C-STORE (write the data set, answer), a measuring stick
+  for how much of a gap is Python's and how much dicomagent's own work.
 
 Workloads: "ct", 300 CT Image Storage objects of 512x512 16-bit (about 157 MB, one study), and
 "small", 2,000 Secondary Capture objects of a few KiB (64x64 8-bit) over a few studies. It
@@ -85,6 +88,10 @@ SERVERS = {
     "storescp": {"kind": "storescp", "label": "DCMTK storescp"},
     "storescp-fsync": {"kind": "storescp", "label": "storescp + fsync/file", "flush": True},
     "orthanc": {"kind": "orthanc", "label": "Orthanc"},
+    # Not run unless named in --servers: bench/floor.py, a measuring stick (see there).
+    "python-floor": {"kind": "floor", "label": "Python floor", "fsync": False, "default": False},
+    "python-floor-fsync": {"kind": "floor", "label": "Python floor + fsync", "fsync": True,
+                           "default": False},
 }
 WORKLOADS = ("ct", "small")
 #: storescp-fsync's flush library: its source, and where ``build_flush_library`` put it.
@@ -411,6 +418,11 @@ class Server:
         return "STORESCP", ["storescp", "-aet", "STORESCP", *pdu, "-od", str(self.storage),
                             str(self.port)], env
 
+    def _floor(self, env, max_pdu):
+        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        return "FLOOR", [sys.executable, str(REPO / "bench" / "floor.py"), "--port", str(self.port),
+                         "--dir", str(self.storage), *(["--fsync"] if self.spec["fsync"] else [])], env
+
     def _orthanc(self, env, max_pdu):
         self.http_port = free_port()
         config = {
@@ -472,7 +484,7 @@ class Server:
 
     def count_live(self) -> int:
         """Objects the running server holds, by its own account."""
-        if self.kind == "storescp":
+        if self.kind in ("storescp", "floor"):
             return sum(1 for p in self.storage.iterdir() if p.is_file())
         if self.kind == "orthanc":
             return int(http_get_json(f"http://{HOST}:{self.http_port}/statistics", 30)["CountInstances"])
@@ -757,7 +769,9 @@ def summarize(runs: list[Run], slots: list[str], workloads: list[str]) -> dict:
 RATIOS = [("dicomagent-nofsync", "storescp"), ("dicomagent-fsync", "storescp"),
           ("dicomagent-fsync", "storescp-fsync"),
           ("dicomagent-nofsync", "orthanc"), ("dicomagent-fsync", "orthanc"),
-          ("storescp-fsync", "orthanc")]
+          ("storescp-fsync", "orthanc"),
+          ("dicomagent-nofsync", "python-floor"), ("python-floor", "storescp"),
+          ("dicomagent-fsync", "python-floor-fsync"), ("python-floor-fsync", "orthanc")]
 
 
 def ratios(summary: dict) -> dict:
@@ -811,8 +825,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 60 CT, 300 small, 1 round")
     p.add_argument("--corpus", metavar="DIR", help="generate the corpus here, or reuse the one there")
-    p.add_argument("--servers", default=",".join(SERVERS),
-                   help=f"comma-separated subset of {', '.join(SERVERS)} (default all)")
+    p.add_argument("--servers", default=",".join(s for s in SERVERS if SERVERS[s].get("default", True)),
+                   help=f"comma-separated subset of {', '.join(SERVERS)} (default all but "
+                        "the python-floor ones)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of ct, small")
     p.add_argument("--max-pdu", type=int, default=0, metavar="BYTES",
                    help="make every server announce this Maximum Length (default: each server's "
