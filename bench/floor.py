@@ -14,6 +14,8 @@ dicomagent and DCMTK's storescp can be split into "Python" and "dicomagent's own
 
 The association is accepted whatever it proposes (each presentation context with its
 first transfer syntax); A-RELEASE-RQ is answered, anything else closes the connection.
+It is made for small objects: it copies each PDU a few times on its way in (dicomagent
+keeps views of what it received), which costs on large ones such as CT images.
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ fi
 if [[ "${BENCH:-1}" == 0 ]]; then
     echo "bench: skipped (BENCH=0)"
 else
-    for bench in "associations.py --n 300 --rounds 2 --warmup 50" "store.py --quick" \
+    floor="dicomagent-nofsync,dicomagent-fsync,storescp,storescp-fsync,orthanc,python-floor,python-floor-fsync"
+    for bench in "associations.py --n 300 --rounds 2 --warmup 50" "store.py --quick --servers $floor" \
                  "query.py --instances 20000 --queries 30 --rounds 3"; do
         name=${bench%% *}
         log=$(mktemp)
