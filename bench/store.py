@@ -23,6 +23,11 @@ median over the rounds, and the ratios of dicomagent to storescp and to Orthanc.
 
     python3 bench/store.py [--ct 300] [--small 2000] [--rounds 3] [--corpus DIR]
                            [--servers LIST] [--json FILE] [--quick] [--keep-logs DIR]
+                           [--against REV]
+
+``--against REV`` runs dicomagent as of another git revision beside each dicomagent slot
+chosen ("dicomagent-nofsync@REV", ...) and prints the ratio of the two: whether a change made
+storing faster, measured the way the figures above are (fresh servers, rounds rotated).
 
 Every run starts its server afresh on an empty storage directory and checks afterwards
 that the server holds every object of the workload (storescu exit 0 and the server's own
@@ -404,8 +409,10 @@ class Server:
             + (f"max_pdu_length = {max_pdu}\n" if max_pdu else "")
             + f"\n[storage]\nfsync = {'true' if self.spec['fsync'] else 'false'}\n"
             "min_free_mb = 1\non_duplicate = \"replace\"\n")
-        # The checkout this script is in comes first: measure this tree, not an older install.
-        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        # The checkout this script is in comes first (or, for --against, the revision's tree):
+        # measure this tree, not an older install.
+        tree = self.spec.get("tree", REPO)
+        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")])))
         return "DICOMAGENT", [sys.executable, "-m", "dicomagent", "serve", "--host", HOST,
                               "--port", str(self.port), "--data-dir", str(self.storage),
                               "-c", str(config)], env
@@ -510,7 +517,8 @@ class Server:
 
     def count_index(self) -> int:
         """dicomagent only, after ``stop``: instances in the index (``dicomagent ls``)."""
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        tree = self.spec.get("tree", REPO)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
         out = subprocess.run([sys.executable, "-m", "dicomagent", "ls", "--data-dir", str(self.storage),
                               "--level", "instance", "--json"], capture_output=True, text=True,
                              env=env, timeout=120)
@@ -845,6 +853,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="remove each run's storage right after it (default: at the end; "
                         "see the module docstring)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    p.add_argument("--against", metavar="REV",
+                   help="also run dicomagent as of git revision REV beside each dicomagent slot "
+                        "chosen (slot@REV), with the ratio of the two: A/B of two trees")
     args = p.parse_args(argv)
     args.ct = args.ct if args.ct is not None else (60 if args.quick else 300)
     args.small = args.small if args.small is not None else (300 if args.quick else 2000)
@@ -854,6 +865,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.servers if s not in SERVERS] + [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         p.error(f"unknown server or workload: {', '.join(unknown)}")
+    if args.against:
+        args.servers = add_revision_slots(args.servers, args.against)
     sizes = {"ct": args.ct, "small": args.small}
     args.workloads = [w for w in args.workloads if sizes[w] > 0]
     if args.rounds < 1 or not args.workloads or not args.servers or args.ct < 0 or args.small < 0:
@@ -861,6 +874,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_pdu and not 4096 <= args.max_pdu <= 131072:
         p.error("--max-pdu: 4096 to 131072 (the range storescp and Orthanc accept)")
     return args
+
+
+def add_revision_slots(servers: list[str], rev: str) -> list[str]:
+    """--against: a slot "NAME@REV" after each dicomagent slot chosen, and its ratio."""
+    out = []
+    for slot in servers:
+        out.append(slot)
+        if SERVERS[slot]["kind"] == "dicomagent":
+            twin = f"{slot}@{rev}"
+            SERVERS[twin] = dict(SERVERS[slot], label=f"{SERVERS[slot]['label']} @{rev}", rev=rev)
+            RATIOS.append((slot, twin))
+            out.append(twin)
+    return out
+
+
+def extract_revision(rev: str, workdir: Path) -> Path:
+    """The tree of git revision ``rev`` of this checkout, in ``workdir`` (for --against)."""
+    tree = workdir / "against"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True)
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {rev}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    for spec in SERVERS.values():
+        if spec.get("rev") == rev:
+            spec["tree"] = tree
+    return tree
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -873,6 +913,8 @@ def main(argv: list[str] | None = None) -> int:
     flushing = any(SERVERS[s].get("flush") for s in args.servers)
     if flushing:
         needed.add("gcc")
+    if args.against:
+        needed.add("git")
     missing = [tool for tool in sorted(needed) if shutil.which(tool) is None]
     if any(SERVERS[s]["kind"] == "orthanc" for s in args.servers) and not os.access(ORTHANC, os.X_OK):
         missing.append(ORTHANC)
@@ -898,6 +940,8 @@ def main(argv: list[str] | None = None) -> int:
             if flushing:
                 global FLUSH_LIBRARY
                 FLUSH_LIBRARY = build_flush_library(workdir)
+            if args.against:
+                extract_revision(args.against, workdir)
             corpus_root = Path(args.corpus) if args.corpus else workdir / "corpus"
             corpus = prepare_corpus(corpus_root, {w: getattr(args, w) for w in args.workloads})
             needed = 1.2 * args.rounds * len(args.servers) * sum(c["bytes"] for c in corpus.values())
