@@ -301,12 +301,12 @@ class Archive:
         A serial sender (storescu, most modalities) waits for each response
         before it sends its next request, so the event loop is idle between
         the two, and that is when the next object's file is made. (Made by the
-        worker thread instead, the files cost thread switches: the worker and
-        the event loop took turns at the interpreter lock around each file the
-        worker created, with three times the futex calls on the event loop; a
-        few percent of a small object's cycle.) Named spares (one-flush filing)
-        stay the worker's: they are handed out only after a flush of ``tmp/``,
-        one for many of them, and made here they saved nothing measurable.
+        worker thread, they cost thread switches: the worker and the event loop
+        took turns at the interpreter lock around each file the worker created,
+        with three times the futex calls on the event loop; the difference in
+        throughput was within the benchmark's noise.) Named spares (one-flush
+        filing) stay the worker's: they are handed out only after a flush of
+        ``tmp/``, one for many of them.
         """
         if self._one_flush:
             return
