@@ -379,6 +379,12 @@ def build_flush_library(workdir: Path) -> Path:
     return target
 
 
+def with_tree(env: dict[str, str], tree: Path) -> dict[str, str]:
+    """``env`` with ``tree`` first on PYTHONPATH: dicomagent runs from the checkout this script
+    is in (or, for --against, the revision's tree), not from an older install."""
+    return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")])))
+
+
 class Server:
     """One server process, started afresh for one run on an empty storage directory."""
 
@@ -409,10 +415,7 @@ class Server:
             + (f"max_pdu_length = {max_pdu}\n" if max_pdu else "")
             + f"\n[storage]\nfsync = {'true' if self.spec['fsync'] else 'false'}\n"
             "min_free_mb = 1\non_duplicate = \"replace\"\n")
-        # The checkout this script is in comes first (or, for --against, the revision's tree):
-        # measure this tree, not an older install.
-        tree = self.spec.get("tree", REPO)
-        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")])))
+        env = with_tree(env, self.spec.get("tree", REPO))
         return "DICOMAGENT", [sys.executable, "-m", "dicomagent", "serve", "--host", HOST,
                               "--port", str(self.port), "--data-dir", str(self.storage),
                               "-c", str(config)], env
@@ -426,7 +429,7 @@ class Server:
                             str(self.port)], env
 
     def _floor(self, env, max_pdu):
-        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        env = with_tree(env, REPO)
         return "FLOOR", [sys.executable, str(REPO / "bench" / "floor.py"), "--port", str(self.port),
                          "--dir", str(self.storage), *(["--fsync"] if self.spec["fsync"] else [])], env
 
@@ -517,8 +520,7 @@ class Server:
 
     def count_index(self) -> int:
         """dicomagent only, after ``stop``: instances in the index (``dicomagent ls``)."""
-        tree = self.spec.get("tree", REPO)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
+        env = with_tree(dict(os.environ), self.spec.get("tree", REPO))
         out = subprocess.run([sys.executable, "-m", "dicomagent", "ls", "--data-dir", str(self.storage),
                               "--level", "instance", "--json"], capture_output=True, text=True,
                              env=env, timeout=120)
