@@ -44,7 +44,11 @@ disk), not removed after each run: ext4's inode allocator skips inodes freed in 
 minutes (``recently_deleted``), so after thousands of deletions creating a file costs
 about a millisecond of kernel time, more than a small C-STORE itself, and the figures
 drift from round to round. ``--delete-each`` removes them after each run instead (chosen
-by itself when the disk is short).
+by itself when the disk is short). The same holds for whatever was deleted on that file
+system just before the benchmark (a test run, the last benchmark's clean-up): before its
+first run it times creating a few hundred files in its working directory and warns when
+that costs several times what it costs on a quiet file system (``file_creation_cost``;
+``TMPDIR`` chooses where the working directory is).
 
 Timing is the wall clock of the ``storescu`` process (start, scan of the folder, the
 association, release); for dicomagent, which acknowledges an object once its file is in
@@ -654,6 +658,24 @@ class Run:
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
+#: Microseconds to create an empty file above which the working directory's file system
+#: is taken as slowed by recent deletions (about 10 on a quiet one on this project's machines).
+SLOW_FILE_CREATION_US = 40.0
+
+
+def file_creation_cost(workdir: Path, count: int = 300) -> float:
+    """Median microseconds to create an empty file in ``workdir`` (the files stay: they
+    go with the working directory at the end, not now, which would free their inodes)."""
+    probe = workdir / "file-creation-probe"
+    probe.mkdir()
+    times = []
+    for n in range(count):
+        start = time.perf_counter()
+        os.close(os.open(probe / f"f{n}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
 def fresh_page_cache(corpus_dir: str) -> None:
     """Give every run the same page cache: drop it (root only; the earlier runs' files,
     synced, are clean) and read the workload's files back in.
@@ -936,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_logs.mkdir(parents=True, exist_ok=True)
 
     runs: list[Run] = []
+    creation_us = None
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         workdir = Path(tmp)
         try:
@@ -952,6 +975,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"removing it after each run instead (--delete-each)", flush=True)
                 args.delete_each = True
             os.sync()
+            creation_us = file_creation_cost(workdir)
+            print(f"creating a file in {workdir}: {creation_us:.0f} µs", flush=True)
+            if creation_us > SLOW_FILE_CREATION_US:
+                print(f"bench: warning: creating a file costs {creation_us:.0f} µs here, several "
+                      f"times what it costs on a quiet file system: files were deleted on it in "
+                      f"the last minutes (ext4 without a journal skips recently freed inodes), "
+                      f"and every server's figures will be lower and noisier. Wait a few "
+                      f"minutes, or set TMPDIR to another file system.", flush=True)
             total = args.rounds * len(args.workloads) * len(args.servers)
             done = 0
             for round_no in range(args.rounds):
@@ -994,6 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
             "fresh_cache": args.fresh_cache,
             "max_pdu": args.max_pdu or None,
             "cpus": args.cpus,
+            "file_creation_us": round(creation_us, 1) if creation_us is not None else None,
             "workloads": {w: {k: v for k, v in corpus[w].items() if k not in ("path", "first")}
                           for w in args.workloads},
             "servers": {s: SERVERS[s]["label"] for s in args.servers},
