@@ -34,7 +34,6 @@ seed conformance statement Table 2, Table 12, Table 67.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import signal
@@ -1182,27 +1181,20 @@ def test_far_behind_index_answers_for_each_object(tmp_path, monkeypatch):
     assert list(index_rows(tmp_path / "data")) == [first.SOPInstanceUID]
 
 
-def _receive_in_process(archive, ds: Dataset, encoded: bytes):
-    """One C-STORE data set straight into an in-process ``Archive`` (this thread is the
-    event loop), up to its response: its result."""
+def _store_in_process(archive, datasets: list[tuple[Dataset, bytes]]) -> list:
+    """C-STORE data sets straight into an in-process ``Archive`` (this thread is the
+    event loop); their results."""
     import concurrent.futures
 
-    incoming = archive.open_incoming(ds.SOPClassUID, ds.SOPInstanceUID,
-                                     EXPLICIT_VR_LITTLE_ENDIAN, "INPROCESS")
-    incoming.write(encoded)
-    outcome = archive.receive(incoming.finish(), alone=True)
-    if isinstance(outcome, concurrent.futures.Future):
-        outcome = outcome.result(timeout=60)
-    return outcome
-
-
-def _store_in_process(archive, datasets: list[tuple[Dataset, bytes]]) -> list:
-    """C-STORE data sets into an in-process ``Archive`` as the C-STORE handler does:
-    each one received, answered, then ``after_response``; their results."""
     results = []
     for ds, encoded in datasets:
-        results.append(_receive_in_process(archive, ds, encoded))
-        archive.after_response()
+        incoming = archive.open_incoming(ds.SOPClassUID, ds.SOPInstanceUID,
+                                         EXPLICIT_VR_LITTLE_ENDIAN, "INPROCESS")
+        incoming.write(encoded)
+        outcome = archive.receive(incoming.finish(), alone=True)
+        if isinstance(outcome, concurrent.futures.Future):
+            outcome = outcome.result(timeout=60)
+        results.append(outcome)
     return results
 
 
@@ -1272,113 +1264,6 @@ def test_fsync_on_flushes_each_object_once_and_its_directories_in_batches(tmp_pa
         archive.close()
     rows = assert_archive_consistent(data_dir)
     assert set(rows) == {ds.SOPInstanceUID for ds, _ in datasets}
-
-
-def test_one_flush_object_is_answered_when_flushed_and_named_after(tmp_path):
-    """With fsync on and one association, the response goes out once the object is
-    flushed (sealed, named in tmp/); its name in the archive and its index row come
-    just after (``after_response``), or as soon as anything must see every object
-    acknowledged (``caught_up``: a query, a release)."""
-    import dicomagent.archive as archive_module
-    from dicomagent.archive.incoming import is_sealed_intact
-
-    data_dir = tmp_path / "data"
-    archive = archive_module.Archive(
-        data_dir, archive_module.StorageSettings(fsync=True, min_free_mb=1), spares=8)
-    (first, first_encoded), (second, second_encoded) = _one_series(2, "ANSWERED")
-    try:
-        _wait_for_spares(archive, 8)
-        assert _receive_in_process(archive, first, first_encoded).status == SUCCESS
-        assert not archive_path(data_dir, first).exists(), "linked before the response"
-        in_tmp = [data_dir / "tmp" / name for name in tmp_files(data_dir)]
-        assert [is_sealed_intact(str(path)) for path in in_tmp] == [True], in_tmp
-        archive.after_response()
-        assert is_sealed_intact(str(archive_path(data_dir, first)))
-        assert _receive_in_process(archive, second, second_encoded).status == SUCCESS
-        assert not archive_path(data_dir, second).exists()
-        archive.caught_up().result(timeout=60)      # no after_response: a query came first
-        assert archive_path(data_dir, second).is_file()
-        found = archive.index.lookup(second.SOPInstanceUID)
-        assert found is not None and found["path"].endswith(f"{second.SOPInstanceUID}.dcm")
-    finally:
-        archive.close()
-    rows = assert_archive_consistent(data_dir)
-    assert set(rows) == {first.SOPInstanceUID, second.SOPInstanceUID}
-
-
-@pytest.mark.parametrize("on_duplicate", ["keep", "replace"])
-def test_one_flush_duplicate_follows_the_rule_after_the_response(tmp_path, on_duplicate):
-    """A duplicate answered once flushed follows ``on_duplicate`` when it is named after
-    its response: the first copy kept (the second removed from tmp/), or the second put
-    over it; one index row either way."""
-    import dicomagent.archive as archive_module
-
-    data_dir = tmp_path / "data"
-    archive = archive_module.Archive(
-        data_dir, archive_module.StorageSettings(fsync=True, min_free_mb=1,
-                                                 on_duplicate=on_duplicate), spares=8)
-    (ds, encoded), = _one_series(1, "TWICE")
-    second = copy.deepcopy(ds)
-    second.PatientName = "Second^Copy"
-    second_encoded = encode(second, EXPLICIT_VR_LITTLE_ENDIAN)
-    try:
-        _wait_for_spares(archive, 8)
-        # Both answered before either is named: the first copy's link comes between the
-        # second's flush and its link, which finds it there.
-        assert _receive_in_process(archive, ds, encoded).status == SUCCESS
-        assert _receive_in_process(archive, second, second_encoded).status == SUCCESS
-        archive.after_response()
-        archive.caught_up().result(timeout=60)
-        stored = pydicom.dcmread(archive_path(data_dir, ds))
-        expected = "Second^Copy" if on_duplicate == "replace" else str(ds.PatientName)
-        assert str(stored.PatientName) == expected
-        (indexed,) = archive.index.db.execute(
-            "SELECT PatientName FROM patients WHERE PatientID = 'TWICE'").fetchone()
-        assert indexed == expected
-    finally:
-        archive.close()
-    assert tmp_files(data_dir) == []
-    rows = assert_archive_consistent(data_dir)
-    assert list(rows) == [ds.SOPInstanceUID]
-
-
-def test_restart_files_an_answered_replacement_over_the_older_copy(tmp_path, monkeypatch):
-    """With ``on_duplicate = "replace"``, a replacement answered once flushed whose link
-    never happened (a crash just after its response) is filed at the next start over
-    the older copy, and indexed in its place; a sealed copy older than the one in the
-    archive is not."""
-    import dicomagent.archive as archive_module
-
-    data_dir = tmp_path / "data"
-    settings = archive_module.StorageSettings(fsync=True, min_free_mb=1, on_duplicate="replace")
-    (ds, encoded), = _one_series(1, "REPLACED")
-    second = copy.deepcopy(ds)
-    second.PatientName = "Second^Copy"
-    with monkeypatch.context() as patch:
-        patch.setattr(archive_module.Archive, "_settle_filed",
-                      lambda self, flush_tmp=False: None)
-        archive = archive_module.Archive(data_dir, settings, spares=8)
-        _wait_for_spares(archive, 8)
-        assert _store_in_process(archive, [(ds, encoded)])[0].status == SUCCESS
-        archive.caught_up().result(timeout=60)
-        # The crash: the replacement is answered, and nothing after that happens.
-        patch.setattr(archive_module.Archive, "_link_answered", lambda self: None)
-        assert _receive_in_process(
-            archive, second, encode(second, EXPLICIT_VR_LITTLE_ENDIAN)).status == SUCCESS
-        archive.close()
-    assert str(pydicom.dcmread(archive_path(data_dir, ds)).PatientName) == str(ds.PatientName)
-    assert len(tmp_files(data_dir)) == 2, "both copies' names in tmp/"
-    (data_dir / "index.pending").touch()
-    archive = archive_module.Archive(data_dir, settings)
-    try:
-        (indexed,) = archive.index.db.execute(
-            "SELECT PatientName FROM patients WHERE PatientID = 'REPLACED'").fetchone()
-    finally:
-        archive.close()
-    assert str(pydicom.dcmread(archive_path(data_dir, ds)).PatientName) == "Second^Copy"
-    assert indexed == "Second^Copy"
-    assert tmp_files(data_dir) == []
-    assert list(assert_archive_consistent(data_dir)) == [ds.SOPInstanceUID]
 
 
 def test_restart_files_a_sealed_object_whose_archive_name_was_lost(tmp_path, monkeypatch,
@@ -1500,8 +1385,7 @@ def test_spare_files_are_kept_for_the_next_start(tmp_path):
 
 def test_spares_taken_are_replaced_by_the_receiving_side(tmp_path, monkeypatch):
     """With fsync off, each spare file taken is replaced by ``make_spare`` (which the
-    C-STORE handler has called on the event loop after its response, ``after_response``):
-    unnamed, at most two
+    C-STORE handler calls on the event loop after its response): unnamed, at most two
     at a time, never beyond the number wanted. With fsync on, spares are named in tmp/
     and the worker replaces them, flushing tmp/ before it hands them out."""
     import stat
@@ -1513,8 +1397,8 @@ def test_spares_taken_are_replaced_by_the_receiving_side(tmp_path, monkeypatch):
         tmp_path / "off", archive_module.StorageSettings(fsync=False, min_free_mb=1), spares=4)
     try:
         _wait_for_spares(archive, 4)
-        assert [_receive_in_process(archive, ds, encoded).status
-                for ds, encoded in _one_series(3, "SPARE-OFF")] == [SUCCESS] * 3
+        assert [r.status for r in _store_in_process(archive, _one_series(3, "SPARE-OFF"))] \
+            == [SUCCESS] * 3
         assert len(archive._spares) == 1
         archive.make_spare()
         assert len(archive._spares) == 3

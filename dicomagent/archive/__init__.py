@@ -29,9 +29,7 @@ A received data set goes through two stages:
    storage, it is sealed with its size and CRC-32 and flushed, then linked
    into the archive; the archive directories are flushed for many objects
    at once a moment later (``_settle_filed``), and until then the name in
-   ``tmp/`` is what a restart would find it by (``recover``). On the event
-   loop the link itself waits until the response has gone
-   (``after_response``): the object is safe once it is flushed. With fsync
+   ``tmp/`` is what a restart would find it by (``recover``). With fsync
    off, filing is a header walk and a link, done on the event loop; with
    fsync on it runs on a filer thread (or on the event loop when only one
    association is open: ``receive``).
@@ -70,7 +68,6 @@ import logging
 import os
 import queue
 import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -224,9 +221,6 @@ class Archive:
         #: Objects answered whose archive entries are not yet flushed: (name in tmp/,
         #: directories to flush), settled by the worker (``_settle_filed``).
         self._unsettled: collections.deque[tuple[str, tuple[str, ...]]] = collections.deque()
-        #: Objects flushed and answered on the event loop whose archive names are made
-        #: once their responses have gone (``after_response``, one-flush filing).
-        self._answered: collections.deque[_Filing] = collections.deque()
         #: Index jobs are numbered; ``_indexed_through`` is the last one committed.
         self._sequence = itertools.count(1)
         self._enqueued_through = 0
@@ -300,17 +294,6 @@ class Archive:
                             calling_ae_title, time.time(), spare,
                             write_ahead=self.settings.fsync,
                             checksum=self._one_flush and spare is not None)
-
-    def after_response(self) -> None:
-        """On the event loop, once a data set is answered: what could wait for the response.
-
-        Objects answered as soon as they were flushed get their names in the
-        archive and go to the indexer (``_link_answered``); the spare file the
-        data set took is replaced (``make_spare``).
-        """
-        if self._answered:
-            self._link_answered()
-        self.make_spare()
 
     def make_spare(self) -> None:
         """On the event loop, once a data set is answered: replace the spare it took.
@@ -386,9 +369,7 @@ class Archive:
             incoming.discard()
             return checked
         if self._file_inline or (alone and not checked.rewrite):
-            # Unless the index is far behind: then the response waits for it (``_enqueue``).
-            return self._file(checked, link_after=(self._enqueued_through - self._indexed_through
-                                                   < MAX_BACKLOG))
+            return self._file(checked)
         return self._filer.submit(self._file_waiting, checked)
 
     def _receive_waiting(self, incoming: IncomingFile) -> StoreResult:
@@ -402,16 +383,10 @@ class Archive:
         outcome = self._file(checked)
         return outcome.result() if isinstance(outcome, concurrent.futures.Future) else outcome
 
-    def _file(self, checked: _Filing, link_after: bool = False
-              ) -> "StoreResult | concurrent.futures.Future":
-        """Put a checked data set in place and hand it to the indexer.
-
-        ``link_after`` (the event loop, which calls ``after_response``): an
-        object filed in one flush is answered once flushed; its link into the
-        archive and its index job come after the response.
-        """
+    def _file(self, checked: _Filing) -> "StoreResult | concurrent.futures.Future":
+        """Put a checked data set in place and hand it to the indexer."""
         try:
-            placed = self._place(checked, link_after)
+            self._place(checked)
         except OSError as error:
             if isinstance(error, FileExistsError) and os.path.isfile(checked.final_path):
                 log.info("C-STORE %s from %s: already stored, kept the first copy",
@@ -423,14 +398,6 @@ class Archive:
                       checked.incoming.calling_ae_title, error)
             checked.incoming.discard()
             return StoreResult(OUT_OF_RESOURCES, f"archive write failed: {error.strerror}")
-        if not placed:
-            self._answered.append(checked)
-            return checked.result
-        return self._enqueue(checked)
-
-    def _enqueue(self, checked: _Filing) -> "StoreResult | concurrent.futures.Future":
-        """Hand a filed object to the indexer: its result, or a future of it when the
-        index is too far behind (back-pressure)."""
         incoming = checked.incoming
         sequence = next(self._sequence)
         future = None
@@ -447,37 +414,6 @@ class Archive:
         self._enqueued_through = job.sequence
         self._queue.put(job)
         return future if future is not None else checked.result
-
-    def _link_answered(self) -> None:
-        """Give the objects answered once flushed their names in the archive, and hand
-        them to the indexer (``after_response``; also before anything that must see
-        every object acknowledged: ``caught_up``, ``call``, ``close``).
-
-        If that fails, the object stays sealed in ``tmp/``, where the next start
-        files it (``recover``).
-        """
-        while self._answered:
-            filing = self._answered.popleft()
-            incoming = filing.incoming
-            try:
-                linked = self._link_flushed(filing)
-                if not linked and self.settings.on_duplicate == "replace":
-                    self._replace_flushed(filing)
-                    linked = True
-                elif not linked:
-                    log.info("C-STORE %s from %s: already stored, kept the first copy",
-                             filing.sop_instance_uid, incoming.calling_ae_title)
-                    incoming.discard()
-            except OSError as error:
-                log.error("C-STORE %s from %s: acknowledged, but not put in the archive: %s; "
-                          "it is filed at the next start", filing.sop_instance_uid,
-                          incoming.calling_ae_title, error)
-                if incoming.fd >= 0:
-                    os.close(incoming.fd)
-                    incoming.fd = -1
-                continue
-            if linked:
-                self._enqueue(filing)
 
     def _check(self, incoming: IncomingFile) -> "_Filing | StoreResult":
         """Walk the data set, compare it with the command, decide duplicates: its status
@@ -541,11 +477,9 @@ class Archive:
         for name in IncomingFile.__slots__:
             setattr(incoming, name, getattr(new, name))
 
-    def _place(self, filing: _Filing, link_after: bool = False) -> bool:
+    def _place(self, filing: _Filing) -> None:
         """Flush the temporary file (fsync on) and give it its final name; with fsync
         on, its name is on stable storage before this returns (the response).
-        Returns False when, asked to (``link_after``), it only flushed a file
-        filed in one flush: ``_link_flushed`` names it later.
 
         Either way the data reaches stable storage before the name that points to it:
 
@@ -574,13 +508,20 @@ class Archive:
                 raise FileExistsError(errno.EEXIST, "already stored", filing.final_path)
             seal(incoming.fd, incoming.size, incoming.crc)
             os.fsync(incoming.fd)           # data, size and seal
-            if link_after:
-                return False
-            if self._link_flushed(filing):
-                return True
-            if not replace:
-                raise FileExistsError(errno.EEXIST, "already stored", filing.final_path)
-            incoming.crc = None             # a duplicate to replace: the two-flush way
+            try:
+                made = _in_place(filing.final_path, lambda: os.link(incoming.path,
+                                                                    filing.final_path))
+            except FileExistsError:         # a duplicate to replace: the two-flush way
+                if not replace:
+                    raise
+                incoming.crc = None
+            else:
+                os.close(incoming.fd)
+                incoming.fd = -1
+                self._unsettled.append((incoming.path,
+                                        (os.path.dirname(filing.final_path), *made)))
+                incoming.path = ""
+                return
         if self.settings.fsync:
             os.fdatasync(incoming.fd)       # data and size; the mtime need not wait
         made = _in_place(filing.final_path,
@@ -590,45 +531,6 @@ class Archive:
         incoming.path = ""
         if self.settings.fsync:
             _fsync_directories(filing.final_path, made)
-        return True
-
-    def _link_flushed(self, filing: _Filing) -> bool:
-        """Link a file filed in one flush (sealed and flushed in ``tmp/``) into the
-        archive; its name in ``tmp/`` stays until the archive directory is flushed
-        (``_settle_filed``). False when a file is already there.
-        """
-        incoming = filing.incoming
-        try:
-            made = _in_place(filing.final_path, lambda: os.link(incoming.path,
-                                                                filing.final_path))
-        except FileExistsError:
-            return False
-        self._settle_later(incoming, filing.final_path, made)
-        return True
-
-    def _settle_later(self, incoming: IncomingFile, final_path: str, made: list[str]) -> None:
-        """A file filed in one flush is linked at ``final_path``: close it, and leave its
-        name in ``tmp/`` until the directories changed are flushed (``_settle_filed``)."""
-        os.close(incoming.fd)
-        incoming.fd = -1
-        self._unsettled.append((incoming.path, (os.path.dirname(final_path), *made)))
-        incoming.path = ""
-
-    def _replace_flushed(self, filing: _Filing) -> None:
-        """Put an answered file filed in one flush over the copy at its final path
-        (``on_duplicate = "replace"``) and flush that directory at once; its name in
-        ``tmp/`` stays until then, so a restart that finds it there files it over the
-        older copy (``_refile``)."""
-        incoming = filing.incoming
-        staged = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
-        os.link(incoming.path, staged)
-        try:
-            os.replace(staged, filing.final_path)
-        except OSError:
-            os.unlink(staged)
-            raise
-        _fsync_directory(os.path.dirname(filing.final_path))
-        self._settle_later(incoming, filing.final_path, [])
 
     def _settle_filed(self, flush_tmp: bool = False) -> None:
         """On the worker: flush the archive directories of the objects filed in one
@@ -669,8 +571,6 @@ class Archive:
         For everything else that writes the index (storage commitment, retention):
         the index has one writer.
         """
-        if self._answered:
-            self._link_answered()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put(_Call(function, args, future))
         self._hurry.set()
@@ -679,8 +579,6 @@ class Archive:
     def caught_up(self) -> concurrent.futures.Future | None:
         """None when every object filed so far is in the index, else a future that is
         done once they are (a query waits for it: it must see what was acknowledged)."""
-        if self._answered:
-            self._link_answered()
         if self._indexed_through >= self._enqueued_through:
             return None
         return self.call(lambda archive: None)
@@ -837,9 +735,8 @@ class Archive:
     def _refile(self, path: str) -> None:
         """A sealed file found in ``tmp/``: complete and flushed before a crash, maybe
         acknowledged while its name in the archive was not yet on stable storage
-        (one-flush filing, ``_place``). It is linked in place unless a file is there
-        (with ``on_duplicate = "replace"``: unless an older one is there); ``catch_up``
-        then indexes it."""
+        (one-flush filing, ``_place``). It is linked in place unless a file is there;
+        ``catch_up`` then indexes it."""
         try:
             _, sop_instance, study, series = _uids_of(parse_file(path))
         except Exception as error:  # noqa: BLE001 - sealed, so ours; unreadable: say so
@@ -847,19 +744,8 @@ class Archive:
             return
         final = os.path.join(self.data_dir, _relative_path(study, series, sop_instance))
         if os.path.exists(final):
-            if (self.settings.on_duplicate != "replace" or os.path.samefile(path, final)
-                    or os.stat(path).st_mtime_ns <= os.stat(final).st_mtime_ns):
-                return
-            # Received after the copy there, to replace it (its rename was lost): it
-            # goes over it, and the index forgets the old copy (``catch_up`` reads it).
-            staged = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
-            os.link(path, staged)
-            os.replace(staged, final)
-            self.index.remove(sop_instance)
-            self.index.commit()
-            made = []
-        else:
-            made = _in_place(final, lambda: os.link(path, final))
+            return
+        made = _in_place(final, lambda: os.link(path, final))
         if self.settings.fsync:
             _fsync_directories(final, made)
         log.warning("filed %s again: flushed before the last stop, its name in the archive "
@@ -937,7 +823,6 @@ class Archive:
         """Stop: file what is being filed, index everything, and say so (``index.pending``
         removed: the next start need not catch up)."""
         self._filer.shutdown(wait=True)
-        self._link_answered()
         self._queue.put(None)
         self._hurry.set()
         self._worker.join()

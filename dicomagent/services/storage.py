@@ -100,9 +100,8 @@ def handle_c_store(association, context, received) -> None:
         association.when_done(outcome,
                               lambda result: _respond(association, context, request, result))
     # The response goes out when this returns; then, while the sender prepares its
-    # next request, the event loop does what could wait for it (the object's name in
-    # the archive, a file for a later data set).
-    association.loop.call_soon(agent.archive.after_response)
+    # next request, the event loop makes a file for a later data set.
+    association.loop.call_soon(agent.archive.make_spare)
 
 
 def _respond(association, context, request: C_STORE_RQ, result: StoreResult) -> None:
