@@ -106,7 +106,7 @@ else
         "$PYTHON" bench/$bench >"$log" 2>&1 || status=$?
         if ((status == 0)); then
             echo "bench $name: ok"
-            grep -E "^ratio|^ratios" "$log" | sed 's/^/    /' || true
+            grep -E "^ratio|^ratios|^bench: warning" "$log" | sed 's/^/    /' || true
         else
             echo "bench $name: FAILED (exit $status); last lines of its output:"
             tail -n 40 "$log" | sed 's/^/    /'
