@@ -424,8 +424,7 @@ class RequestorAssociation(Association):
                          network_timeout=network_timeout, send_cap=send_cap)
         self.dimse_timeout = dimse_timeout
         self.network_timeout = network_timeout
-        loop = asyncio.get_running_loop()
-        self.established: asyncio.Future = loop.create_future()
+        self.established: asyncio.Future = self.loop.create_future()
         self.ac = None
 
     def on_associate_confirmation(self, confirmation: AAssociateConfirmation) -> None:
@@ -476,9 +475,9 @@ async def associate(host: str, port: int, calling_ae_title: str, called_ae_title
     association.called_ae_title = called_ae_title
     association.connection.associate_request(AAssociateRequest(rq))      # Evt1: AE-1
     association.connection.take_outputs()                                # OPEN_TRANSPORT: below
-    loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(loop.create_connection(lambda: association.ul, host, port),
+        await asyncio.wait_for(association.loop.create_connection(lambda: association.ul,
+                                                                  host, port),
                                network_timeout)
     except asyncio.TimeoutError:
         raise AssociationError(f"no TCP connection to {host}:{port} within "
