@@ -9,7 +9,7 @@
 # FUZZ_SECONDS seconds each (default 20; 0 skips fuzzing). Files in fuzz/ whose name starts
 # with "_" are helpers, not harnesses. Exits non-zero if any step fails.
 #
-# Then the three benchmarks run briefly (BENCH=0 skips them).
+# Then the four benchmarks run briefly (BENCH=0 skips them).
 #
 # Environment: PYTHON (default python3), FUZZ_SECONDS (default 20), BENCH (default 1).
 set -euo pipefail
@@ -98,7 +98,7 @@ if [[ "${BENCH:-1}" == 0 ]]; then
 else
     floor="dicomagent-nofsync,dicomagent-fsync,storescp,storescp-fsync,orthanc,python-floor,python-floor-fsync"
     for bench in "associations.py --n 300 --rounds 2 --warmup 50" "store.py --quick --servers $floor" \
-                 "query.py --instances 20000 --queries 30 --rounds 3"; do
+                 "query.py --instances 20000 --queries 30 --rounds 3" "hotpath.py --small 300 --passes 1"; do
         name=${bench%% *}
         log=$(mktemp)
         status=0
@@ -106,7 +106,7 @@ else
         "$PYTHON" bench/$bench >"$log" 2>&1 || status=$?
         if ((status == 0)); then
             echo "bench $name: ok"
-            grep -E "^ratio|^ratios|^bench: warning" "$log" | sed 's/^/    /' || true
+            grep -E "^ratio|^ratios|^hotpath:|^bench: warning" "$log" | sed 's/^/    /' || true
         else
             echo "bench $name: FAILED (exit $status); last lines of its output:"
             tail -n 40 "$log" | sed 's/^/    /'
