@@ -33,7 +33,6 @@ import asyncio
 import json
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -50,14 +49,12 @@ WARM_UP = 100
 
 def load_objects(corpus_dir: str) -> list[tuple[str, str, str, bytes]]:
     """(SOP Class UID, SOP Instance UID, transfer syntax, data set bytes) of each file."""
-    from pydicom.filereader import read_file_meta_info
+    from dicomagent.store import read_local_file
     objects = []
     for path in sorted(Path(corpus_dir).rglob("*.dcm")):
-        data = path.read_bytes()
-        meta = read_file_meta_info(path)
-        (group_length,) = struct.unpack_from("<I", data, 132 + 8)
-        objects.append((str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                        str(meta.TransferSyntaxUID), data[132 + 12 + group_length:]))
+        local = read_local_file(str(path))
+        objects.append((local.sop_class_uid, local.sop_instance_uid, local.transfer_syntax,
+                        path.read_bytes()[local.data_offset:]))
     return objects
 
 
@@ -185,12 +182,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-hotpath-") as work:
         corpus_root = Path(args.corpus) if args.corpus else Path(work) / "corpus"
         corpus = bench.prepare_corpus(corpus_root, {"small": args.small})["small"]
-        creation = bench.file_creation_cost(Path(work))
-        print(f"creating a file in {work}: {creation:.0f} µs", flush=True)
-        if creation > bench.SLOW_FILE_CREATION_US:
-            print(f"bench: warning: creating a file costs {creation:.0f} µs here: files were "
-                  f"deleted on this file system in the last minutes, and 'after' (making the "
-                  f"next temporary file) will be inflated. Wait a few minutes.", flush=True)
+        bench.check_file_creation(Path(work), "'after' (making the next temporary file) "
+                                              "will be inflated")
         if args.against:
             trees[f"@{args.against}"] = bench.extract_revision(args.against, Path(work))
         results: dict[str, list[dict]] = {name: [] for name in trees}

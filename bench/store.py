@@ -676,6 +676,19 @@ def file_creation_cost(workdir: Path, count: int = 300) -> float:
     return statistics.median(times) * 1e6
 
 
+def check_file_creation(workdir: Path, consequence: str) -> float:
+    """Time file creation in ``workdir``, print it, and warn (saying ``consequence``) when
+    recent deletions have slowed it; returns the microseconds."""
+    cost = file_creation_cost(workdir)
+    print(f"creating a file in {workdir}: {cost:.0f} µs", flush=True)
+    if cost > SLOW_FILE_CREATION_US:
+        print(f"bench: warning: creating a file costs {cost:.0f} µs here, several times what it "
+              f"costs on a quiet file system: files were deleted on it in the last minutes "
+              f"(ext4 without a journal skips recently freed inodes), and {consequence}. Wait a "
+              f"few minutes, or set TMPDIR to another file system.", flush=True)
+    return cost
+
+
 def fresh_page_cache(corpus_dir: str) -> None:
     """Give every run the same page cache: drop it (root only; the earlier runs' files,
     synced, are clean) and read the workload's files back in.
@@ -975,14 +988,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"removing it after each run instead (--delete-each)", flush=True)
                 args.delete_each = True
             os.sync()
-            creation_us = file_creation_cost(workdir)
-            print(f"creating a file in {workdir}: {creation_us:.0f} µs", flush=True)
-            if creation_us > SLOW_FILE_CREATION_US:
-                print(f"bench: warning: creating a file costs {creation_us:.0f} µs here, several "
-                      f"times what it costs on a quiet file system: files were deleted on it in "
-                      f"the last minutes (ext4 without a journal skips recently freed inodes), "
-                      f"and every server's figures will be lower and noisier. Wait a few "
-                      f"minutes, or set TMPDIR to another file system.", flush=True)
+            creation_us = check_file_creation(workdir, "every server's figures will be lower "
+                                                       "and noisier")
             total = args.rounds * len(args.workloads) * len(args.servers)
             done = 0
             for round_no in range(args.rounds):
