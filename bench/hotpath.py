@@ -9,19 +9,22 @@ with the data set. Around three steps of each object it reads the event loop thr
 time (``time.thread_time_ns``, system calls included):
 
 - command: the Upper Layer and DIMSE assembly of the command PDU, decoding the command,
-  opening the data set's sink (a temporary file taken from the spares);
+  opening the data set's sink (a temporary file taken from the spares that the indexer
+  process makes);
 - data: the data set PDU, the file write, the header walk and check, the link into the
   archive, the hand-over to the indexer, the C-STORE-RSP encoded and handed to the transport;
-- after: the event loop's turn once the response is out (``make_spare``: creating the next
-  temporary file, which costs several times more on a file system where many files were
-  deleted in the last minutes; the script measures that first and warns).
+- after: the event loop's turn once the response is out (``make_spare``, which makes a
+  temporary file only where the indexer process cannot: creating one costs several times
+  more on a file system where many files were deleted in the last minutes; the script
+  measures that first and warns).
 
 What it leaves out is what every server pays alike on a socket (receiving, sending, being
 woken) and the sender's own turn, which make ``bench/store.py`` figures scatter by several
 per cent: the per-object work that is dicomagent's own is what is left, and ``--against REV``
 compares it between two trees in alternating passes (up to the response, and in all: "after"
 depends on the file system's state more than on the code). The indexer process runs as in the
-daemon; when responses wait for it (back-pressure), the wait is outside the timed steps.
+daemon; when responses wait for it (back-pressure), or the spares it makes run low (this feed
+has none of a sender's pauses), the wait is outside the timed steps.
 
     python3 bench/hotpath.py [--corpus DIR] [--passes 5] [--against REV]
 """
@@ -133,6 +136,11 @@ async def one_pass(corpus_dir: str, work: str) -> dict:
         totals[2] += after - fed_data
         while len(transport.written) - answered_before < number + 1 - 64:
             await asyncio.sleep(0.002)  # back-pressure: wait, untimed, for the index
+        waited = 0
+        while (len(agent.archive._spares) < 16 and agent.archive._indexer.makes_spares
+               and waited < 500):
+            await asyncio.sleep(0.002)  # wait, untimed, for spares (when they come)
+            waited += 1
     while len(transport.written) - answered_before < len(pdus):
         await asyncio.sleep(0.002)
     statuses = [decode_command(response[12:]).Status

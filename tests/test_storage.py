@@ -1446,6 +1446,104 @@ def test_spares_taken_are_replaced_by_the_receiving_side(tmp_path, monkeypatch):
         archive.close()
 
 
+def test_indexer_process_makes_the_spares_the_event_loop_takes(tmp_path):
+    """In the daemon (index in a process, fsync off), the indexer process replaces the
+    spares taken, after each index batch: unnamed files open for writing (and not
+    inherited by programs the daemon runs), sent to the daemon; the event loop's
+    ``make_spare`` then makes none, and objects written into the process's files are
+    filed whole."""
+    import stat
+
+    import dicomagent.archive as archive_module
+
+    data_dir = tmp_path / "data"
+    archive = archive_module.Archive(
+        data_dir, archive_module.StorageSettings(fsync=False, min_free_mb=1),
+        index_in_process=True, spares=8)
+    try:
+        _wait_for_spares(archive, 8)
+        first = _one_series(6, "SPARE-PROCESS")
+        assert [r.status for r in _store_in_process(archive, first)] == [SUCCESS] * 6
+        assert len(archive._spares) == 2
+        left = {os.fstat(fd).st_ino for _, fd, _ in archive._spares}
+        archive.caught_up().result(timeout=60)     # an index batch, then the request
+        _wait_for_spares(archive, 8)
+        from_process = [(path, fd, named) for path, fd, named in archive._spares
+                        if os.fstat(fd).st_ino not in left]
+        assert len(from_process) == 6
+        assert archive._indexer.makes_spares
+        taken = archive._spares.pop()           # as open_incoming would
+        archive.make_spare()
+        assert len(archive._spares) == 7, "the event loop made a spare"
+        os.close(taken[1])
+        from_process.remove(taken)
+        for path, fd, named in from_process:
+            assert not named and path == f"/proc/self/fd/{fd}"
+            status = os.fstat(fd)
+            assert stat.S_ISREG(status.st_mode) and status.st_nlink == 0 and status.st_size == 0
+            assert os.stat(data_dir / "tmp").st_dev == status.st_dev
+            assert not os.get_inheritable(fd)
+        second = _one_series(7, "SPARE-PROCESS")
+        assert [r.status for r in _store_in_process(archive, second)] == [SUCCESS] * 7
+    finally:
+        archive.close()
+    for ds, encoded in first + second:
+        stored = archive_path(data_dir, ds).read_bytes()
+        assert stored.endswith(encoded) and pydicom.dcmread(
+            archive_path(data_dir, ds)).SOPInstanceUID == ds.SOPInstanceUID
+    assert sorted(index_rows(data_dir)) == sorted(ds.SOPInstanceUID for ds, _ in first + second)
+    assert tmp_files(data_dir) == []
+
+
+@pytest.mark.parametrize("count, parts", [(3, 1), (64, 1), (65, 2), (130, 3)])
+def test_indexer_process_sends_spares_in_parts(tmp_path, count, parts):
+    """``_send_spares``: at most ``SPARES_PER_MESSAGE`` files to a message, each part but
+    the last saying more follow; what ``_receive_spares`` gets is ``count`` distinct
+    empty unnamed files, not inherited by programs the daemon runs."""
+    import socket
+
+    from dicomagent.archive.indexer import (LAST_SPARES, MORE_SPARES, _receive_spares,
+                                            _send_spares)
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    received, tags = [], []
+    try:
+        _send_spares(theirs, str(tmp_path), count)
+        while not tags or tags[-1] != LAST_SPARES:
+            tag, fds = _receive_spares(ours)
+            tags.append(tag)
+            received += fds
+        assert tags == [MORE_SPARES] * (parts - 1) + [LAST_SPARES]
+        assert len(received) == count
+        assert len({os.fstat(fd).st_ino for fd in received}) == count
+        assert all(os.fstat(fd).st_nlink == 0 for fd in received)
+        assert not any(os.get_inheritable(fd) for fd in received)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        for fd in received:
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+def test_indexer_process_that_cannot_make_spares_says_so(tmp_path, caplog):
+    """No such directory: the answer comes, complete and empty, with one log line (the
+    daemon asks again after its next batch, and its event loop makes its own meanwhile)."""
+    import socket
+
+    from dicomagent.archive.indexer import LAST_SPARES, _receive_spares, _send_spares
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        _send_spares(theirs, str(tmp_path / "missing"), 5)
+        assert _receive_spares(ours) == (LAST_SPARES, [])
+    finally:
+        ours.close()
+        theirs.close()
+    assert [r.message for r in caplog.records] == [
+        "cannot create temporary files ahead: No such file or directory"]
+
+
 def test_failed_rename_leaves_no_index_row(agent_factory):
     """When filing fails after the index commit (here: a directory squats the final path),
     the C-STORE fails and the index must not keep a row for a file that is not there;

@@ -95,7 +95,7 @@ CANNOT_UNDERSTAND = 0xC000
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
-#: Temporary files kept created ahead of the receiving side (``make_spare``): enough
+#: Temporary files kept created ahead of the receiving side (``open_incoming``): enough
 #: for many associations storing at once, each taking one per object.
 SPARES = 256
 
@@ -254,9 +254,12 @@ class Archive:
             self._mark_pending()
         fcntl.flock(self._lock, fcntl.LOCK_SH)
         if index_in_process:
-            self._indexer = ProcessIndexer(self.index.path, self.data_dir,
-                                           settings.on_duplicate, self.pending_marker,
-                                           self._indexed)
+            # Named spares (one-flush filing) are the worker's to make: they must be
+            # flushed in tmp/ before use. Unnamed ones come from the indexer process.
+            self._indexer = ProcessIndexer(
+                self.index.path, self.data_dir, settings.on_duplicate, self.pending_marker,
+                self._indexed, received_spares=None if self._one_flush or not spares
+                else self._received_spares)
         else:
             self._indexer = ThreadIndexer(self.index, self.data_dir, settings.on_duplicate,
                                           self._indexed)
@@ -279,8 +282,9 @@ class Archive:
         """The sink for one C-STORE data set (refused at once when space is short).
 
         Creating a file costs a good part of a small object's time, so some
-        are kept created ahead (``SPARES``, ``make_spare``) and the receiving
-        side takes one of those when it can.
+        are kept created ahead (``SPARES``: the worker makes them at start, then
+        the indexer process or ``make_spare``) and the receiving side takes one of
+        those when it can.
         """
         if not self.has_room():
             return IncomingFile.refused("out-of-resources: less free space than "
@@ -296,19 +300,20 @@ class Archive:
                             checksum=self._one_flush and spare is not None)
 
     def make_spare(self) -> None:
-        """On the event loop, once a data set is answered: replace the spare it took.
+        """On the event loop, once a data set is answered: replace the spare it took,
+        unless somebody else makes them.
 
-        A serial sender (storescu, most modalities) waits for each response
-        before it sends its next request, so the event loop is idle between
-        the two, and that is when the next object's file is made. (Made by the
-        worker thread, they cost thread switches: the worker and the event loop
-        took turns at the interpreter lock around each file the worker created,
-        with three times the futex calls on the event loop; the difference in
-        throughput was within the benchmark's noise.) Named spares (one-flush
-        filing) stay the worker's: they are handed out only after a flush of
-        ``tmp/``, one for many of them.
+        The daemon's indexer process makes them (``_ask_for_spares``): a file
+        costs the kernel 20 to 100 µs to create, and whatever the event loop
+        spends there, a serial sender (storescu, most modalities) waits for, as
+        both often take turns on one CPU. (The worker thread made them once:
+        it and the event loop then took turns at the interpreter lock around
+        each file, and the gain was lost.) Where the process cannot, this
+        makes them, between a response and the sender's next request. Named
+        spares (one-flush filing) stay the worker's: they are handed out only
+        after a flush of ``tmp/``, one for many of them.
         """
-        if self._one_flush:
+        if self._one_flush or self._indexer.makes_spares:
             return
         # Two when more are missing: spares taken by data sets never received (an
         # aborted association) are made up for too.
@@ -318,9 +323,21 @@ class Archive:
             except OSError:
                 return          # the next object creates its own, and says why if it can't
 
+    def _received_spares(self, fds: list[int]) -> None:
+        """Unnamed temporary files from the indexer process (on its spares thread)."""
+        self._spares.extend((f"/proc/self/fd/{fd}", fd, False) for fd in fds)
+
+    def _ask_for_spares(self) -> None:
+        """On the worker, after each index batch: ask the indexer process for the
+        unnamed spares taken since (one request at a time)."""
+        missing = self._spares_wanted - len(self._spares)
+        if missing > 0:
+            self._indexer.make_spares(missing)
+
     def _refill_spares(self) -> None:
         """On the worker: create temporary files ahead for ``open_incoming`` (at start;
-        later only named ones: the event loop replaces unnamed ones, ``make_spare``).
+        later only named ones: unnamed ones come from the indexer process,
+        ``_ask_for_spares``, or the event loop, ``make_spare``).
 
         For one-flush filing they are named files in ``tmp/``, handed out only
         once ``tmp/`` is flushed: a data set written into one has a name on
@@ -623,6 +640,8 @@ class Archive:
                 self._indexer.index_jobs(batch)
             if self._one_flush:
                 self._refill_spares()
+            else:
+                self._ask_for_spares()
 
     def _indexed(self, results: "list[IndexResult] | None", through: int) -> None:
         """The indexer's answer for the jobs up to ``through`` (``results`` None: failed).

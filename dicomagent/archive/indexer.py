@@ -13,7 +13,11 @@ whole batch. It runs in one of two places, behind the same two methods
   what limits a Python node's storage rate. Here it runs beside it, on the
   other core. Jobs go down a pipe; now and then (at once when asked) the
   process answers with the last job number it committed and the results
-  somebody waits for.
+  somebody waits for. It also makes the empty temporary files that the
+  event loop writes received data sets into (``make_spares``), and hands
+  them over open, through a socket (``SCM_RIGHTS``): creating a file costs
+  the kernel tens of microseconds (far more on a file system where many
+  files were just deleted), which here stay off the event loop.
 
 References
 ----------
@@ -25,9 +29,12 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import array
+import errno
 import operator
 import os
 import signal
+import socket
 import threading
 import time
 import zlib
@@ -236,6 +243,12 @@ class ThreadIndexer:
     def wait(self) -> None:
         """Every job handed over is indexed (here: at once)."""
 
+    #: Temporary files are made by the event loop (``Archive.make_spare``).
+    makes_spares = False
+
+    def make_spares(self, count: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -246,10 +259,14 @@ class ProcessIndexer:
     ``done(results, last_sequence)`` is called on that thread for each
     batch (``results`` None when the batch failed); ``wait()`` returns once
     every job handed over has been answered, or the process has gone.
+
+    ``received_spares(fds)``, when given, is called on another thread of
+    ours with the files the process made on request (``make_spares``):
+    unnamed (``O_TMPFILE``) in the data dir's ``tmp/``, open for writing.
     """
 
     def __init__(self, index_path: str, data_dir: str, on_duplicate: str, pending_marker: str,
-                 done):
+                 done, received_spares=None):
         self._arguments = (index_path, data_dir, on_duplicate, pending_marker)
         self._process = None            # started with the first jobs: a daemon that
         self._done = done               # stores nothing never pays for it
@@ -259,18 +276,29 @@ class ProcessIndexer:
         self._failed = False
         self._closing = False
         self._changed = threading.Condition()
+        self._received_spares = received_spares
+        self._spares_ok = received_spares is not None   # False once the process cannot
+        self._spares_asked = False                      # a request is being answered
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
         self._connection, child = context.Pipe()
+        # Packets, not a stream: each message keeps its own descriptors.
+        self._spare_socket, child_spares = socket.socketpair(socket.AF_UNIX,
+                                                             socket.SOCK_SEQPACKET)
         self._process = context.Process(
             target=_child_main, name="dicomagent-indexer", daemon=True,
-            args=(child, *self._arguments, logging.getLogger().getEffectiveLevel()))
+            args=(child, child_spares, *self._arguments,
+                  logging.getLogger().getEffectiveLevel()))
         self._process.start()
         child.close()
+        child_spares.close()
         self._reader = threading.Thread(target=self._read_answers, name="indexer-answers",
                                         daemon=True)
         self._reader.start()
+        self._spare_reader = threading.Thread(target=self._read_spares, name="indexer-spares",
+                                              daemon=True)
+        self._spare_reader.start()
 
     def index_jobs(self, jobs: list[IndexJob]) -> None:
         if self._process is None:
@@ -289,6 +317,39 @@ class ProcessIndexer:
             self._connection.send(jobs)
         except (OSError, EOFError):
             self._done(None, jobs[-1].sequence)
+
+    @property
+    def makes_spares(self) -> bool:
+        """The process is there to make temporary files (``make_spares``)."""
+        return bool(self._process) and self._spares_ok and not self._gone
+
+    def make_spares(self, count: int) -> None:
+        """Ask for ``count`` more temporary files, unless a request is still being answered."""
+        if not self.makes_spares or self._spares_asked:
+            return
+        self._spares_asked = True
+        try:
+            self._connection.send(MakeSpares(count))
+        except OSError:
+            self._spares_asked = False      # gone: the answers thread says so
+
+    def _read_spares(self) -> None:
+        """Receive the files made (``_send_spares``), until the process is gone."""
+        while True:
+            try:
+                data, fds = _receive_spares(self._spare_socket)
+            except OSError:
+                return
+            if fds:
+                self._received_spares(fds)
+            if not data:
+                return                      # end of file: the process has ended
+            if data != MORE_SPARES:         # the last part of an answer
+                if data == NO_SPARES:
+                    log.info("the indexer process cannot make unnamed temporary files here; "
+                             "the event loop makes its own")
+                    self._spares_ok = False
+                self._spares_asked = False
 
     def wait(self) -> None:
         with self._changed:
@@ -337,7 +398,9 @@ class ProcessIndexer:
             self._process.kill()
             self._process.join()
         self._reader.join(10)
+        self._spare_reader.join(10)
         self._connection.close()
+        self._spare_socket.close()
         if self._process.exitcode not in (0, None):
             self._failed = True
             log.error("the indexer process ended with exit code %s", self._process.exitcode)
@@ -355,6 +418,33 @@ PENDING_MARGIN = 60.0
 #: Asks the indexer process to answer for everything it was sent (``wait``).
 SYNC = "sync"
 
+
+@dataclass(frozen=True, slots=True)
+class MakeSpares:
+    """Asks the indexer process for ``count`` empty temporary files (``make_spares``)."""
+    count: int
+
+
+#: Files per message on the spares socket (the kernel takes up to 253 descriptors in one).
+SPARES_PER_MESSAGE = 64
+#: What each message on the spares socket says: more follow; the answer is complete;
+#: unnamed files cannot be made in this file system (none will come).
+MORE_SPARES, LAST_SPARES, NO_SPARES = b"+", b".", b"!"
+
+
+def _receive_spares(spares: socket.socket) -> tuple[bytes, list[int]]:
+    """One message of ``_send_spares``: its tag and its descriptors, which programs the
+    daemon runs do not inherit (as they inherit none of its own files). Python 3.11's
+    ``socket.recv_fds`` drops its ``flags``: hence ``recvmsg`` itself."""
+    fds = array.array("i")
+    data, ancillary, _, _ = spares.recvmsg(
+        1, socket.CMSG_SPACE(SPARES_PER_MESSAGE * fds.itemsize),
+        getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
 #: The indexer process answers at the latest after this many jobs or seconds
 #: (sooner when asked): the daemon needs its answers only to know how far
 #: behind it is, and every answer costs the daemon a thread switch.
@@ -362,10 +452,11 @@ ANSWER_EVERY = 256
 ANSWER_AFTER = 0.2
 
 
-def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
-                pending_marker: str, log_level: int) -> None:
+def _child_main(connection, spares: socket.socket, index_path: str, data_dir: str,
+                on_duplicate: str, pending_marker: str, log_level: int) -> None:
     """The indexer process: batches of jobs in, (results, last sequence) out; the
-    results are those of the jobs somebody waits for (``IndexJob.answer``).
+    results are those of the jobs somebody waits for (``IndexJob.answer``). Requests
+    for temporary files (``MakeSpares``) are answered first, on ``spares``.
 
     It stops when the daemon says so (None) or is gone (end of file), after
     indexing what it has; signals are the daemon's to handle (a Ctrl-C or a
@@ -395,8 +486,10 @@ def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
         while True:
             jobs: list[IndexJob] = []
             asked = stop = False
+            spares_wanted = 0
             wait = ANSWER_AFTER if unanswered else None
-            while len(jobs) < 1024 and connection.poll(0 if jobs or asked else wait):
+            while len(jobs) < 1024 and connection.poll(0 if jobs or asked or spares_wanted
+                                                       else wait):
                 try:
                     message = connection.recv()
                 except EOFError:
@@ -404,10 +497,14 @@ def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
                 if message is None:
                     stop = True
                     break
-                if message == SYNC:
+                if type(message) is MakeSpares:
+                    spares_wanted += message.count
+                elif message == SYNC:
                     asked = True
                 else:
                     jobs.extend(message)
+            if spares_wanted and not stop:
+                _send_spares(spares, os.path.join(data_dir, "tmp"), spares_wanted)
             failed = False
             if jobs:
                 try:
@@ -438,6 +535,39 @@ def _child_main(connection, index_path: str, data_dir: str, on_duplicate: str,
     finally:
         _flush_log(index_path)
         index.close()
+
+
+def _send_spares(spares: socket.socket, tmp_dir: str, count: int) -> None:
+    """Make ``count`` empty unnamed files in ``tmp_dir`` and send them, open, to the
+    daemon (``SPARES_PER_MESSAGE`` to a message; the last one says whether they can be
+    made here at all). A crash loses nothing: unnamed files vanish with the last
+    descriptor."""
+    made: list[int] = []
+    outcome = LAST_SPARES
+    try:
+        for _ in range(count):
+            made.append(os.open(tmp_dir, os.O_WRONLY | os.O_TMPFILE, 0o644))
+    except AttributeError:                  # no O_TMPFILE on this system
+        outcome = NO_SPARES
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            outcome = NO_SPARES             # not on this file system
+        else:
+            log.warning("cannot create temporary files ahead: %s", error.strerror)
+    try:
+        parts = [made[start:start + SPARES_PER_MESSAGE]
+                 for start in range(0, len(made), SPARES_PER_MESSAGE)] or [[]]
+        for number, part in enumerate(parts, 1):
+            tag = outcome if number == len(parts) else MORE_SPARES
+            if part:
+                socket.send_fds(spares, [tag], part)
+            else:
+                spares.send(tag)
+    except OSError:
+        pass                                # the daemon is gone
+    finally:
+        for fd in made:
+            os.close(fd)
 
 
 def _flush_log(index_path: str) -> None:
