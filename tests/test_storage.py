@@ -1446,19 +1446,20 @@ def test_spares_taken_are_replaced_by_the_receiving_side(tmp_path, monkeypatch):
         archive.close()
 
 
-def test_indexer_process_makes_the_spares_the_event_loop_takes(tmp_path):
-    """In the daemon (index in a process, fsync off), the indexer process replaces the
-    spares taken, after each index batch: unnamed files open for writing (and not
-    inherited by programs the daemon runs), sent to the daemon; the event loop's
-    ``make_spare`` then makes none, and objects written into the process's files are
-    filed whole."""
+@pytest.mark.parametrize("fsync", [False, True], ids=["fsync-off", "fsync-on"])
+def test_indexer_process_makes_the_spares_the_event_loop_takes(tmp_path, fsync):
+    """In the daemon (index in a process), the indexer process replaces the spares
+    taken, after each index batch: files open for writing (and not inherited by
+    programs the daemon runs), sent to the daemon — unnamed with fsync off, named in
+    tmp/ with fsync on (one-flush filing); the event loop's ``make_spare`` then makes
+    none, and objects written into the process's files are filed whole."""
     import stat
 
     import dicomagent.archive as archive_module
 
     data_dir = tmp_path / "data"
     archive = archive_module.Archive(
-        data_dir, archive_module.StorageSettings(fsync=False, min_free_mb=1),
+        data_dir, archive_module.StorageSettings(fsync=fsync, min_free_mb=1),
         index_in_process=True, spares=8)
     try:
         _wait_for_spares(archive, 8)
@@ -1478,9 +1479,13 @@ def test_indexer_process_makes_the_spares_the_event_loop_takes(tmp_path):
         os.close(taken[1])
         from_process.remove(taken)
         for path, fd, named in from_process:
-            assert not named and path == f"/proc/self/fd/{fd}"
             status = os.fstat(fd)
-            assert stat.S_ISREG(status.st_mode) and status.st_nlink == 0 and status.st_size == 0
+            if fsync:
+                assert named and os.path.dirname(path) == str(data_dir / "tmp")
+                assert os.stat(path).st_ino == status.st_ino and status.st_nlink == 1
+            else:
+                assert not named and path == f"/proc/self/fd/{fd}" and status.st_nlink == 0
+            assert stat.S_ISREG(status.st_mode) and status.st_size == 0
             assert os.stat(data_dir / "tmp").st_dev == status.st_dev
             assert not os.get_inheritable(fd)
         second = _one_series(7, "SPARE-PROCESS")
@@ -1510,7 +1515,8 @@ def test_indexer_process_sends_spares_in_parts(tmp_path, count, parts):
     try:
         _send_spares(theirs, str(tmp_path), count)
         while not tags or tags[-1] != LAST_SPARES:
-            tag, fds = _receive_spares(ours)
+            tag, fds, names = _receive_spares(ours)
+            assert names == [""] * len(fds)
             tags.append(tag)
             received += fds
         assert tags == [MORE_SPARES] * (parts - 1) + [LAST_SPARES]
@@ -1526,6 +1532,48 @@ def test_indexer_process_sends_spares_in_parts(tmp_path, count, parts):
         theirs.close()
 
 
+def test_indexer_process_flushes_named_spares_before_sending_them(tmp_path, monkeypatch):
+    """One-flush filing (fsync on) wants named spares whose names are on stable storage
+    before a data set goes in: ``_send_spares`` flushes ``tmp/`` once, then sends each
+    file open with its name."""
+    import socket
+    import stat
+
+    from dicomagent.archive.indexer import LAST_SPARES, _receive_spares, _send_spares
+
+    events: list[str] = []
+    real_fsync, real_send_fds = os.fsync, socket.send_fds
+
+    def fsync(fd):
+        events.append("flush tmp/" if os.path.samefile(f"/proc/self/fd/{fd}", tmp_path)
+                      and stat.S_ISDIR(os.fstat(fd).st_mode) else "flush a file")
+        return real_fsync(fd)
+
+    def send_fds(*args, **kwargs):
+        events.append("send")
+        return real_send_fds(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(socket, "send_fds", send_fds)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds: list[int] = []
+    try:
+        _send_spares(theirs, str(tmp_path), 3, named=True)
+        tag, fds, names = _receive_spares(ours)
+        assert tag == LAST_SPARES and len(fds) == 3
+        assert events == ["flush tmp/", "send"]
+        assert sorted(names) == sorted(path.name for path in tmp_path.iterdir())
+        for fd, name in zip(fds, names):
+            assert name.endswith(".spare")
+            assert os.fstat(fd).st_ino == (tmp_path / name).stat().st_ino
+            assert (tmp_path / name).stat().st_size == 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
 def test_indexer_process_that_cannot_make_spares_says_so(tmp_path, caplog):
     """No such directory: the answer comes, complete and empty, with one log line (the
     daemon asks again after its next batch, and its event loop makes its own meanwhile)."""
@@ -1536,7 +1584,7 @@ def test_indexer_process_that_cannot_make_spares_says_so(tmp_path, caplog):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         _send_spares(theirs, str(tmp_path / "missing"), 5)
-        assert _receive_spares(ours) == (LAST_SPARES, [])
+        assert _receive_spares(ours) == (LAST_SPARES, [], [])
     finally:
         ours.close()
         theirs.close()

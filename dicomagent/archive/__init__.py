@@ -254,12 +254,10 @@ class Archive:
             self._mark_pending()
         fcntl.flock(self._lock, fcntl.LOCK_SH)
         if index_in_process:
-            # Named spares (one-flush filing) are the worker's to make: they must be
-            # flushed in tmp/ before use. Unnamed ones come from the indexer process.
             self._indexer = ProcessIndexer(
                 self.index.path, self.data_dir, settings.on_duplicate, self.pending_marker,
-                self._indexed, received_spares=None if self._one_flush or not spares
-                else self._received_spares)
+                self._indexed, received_spares=self._received_spares if spares else None,
+                named_spares=self._one_flush)
         else:
             self._indexer = ThreadIndexer(self.index, self.data_dir, settings.on_duplicate,
                                           self._indexed)
@@ -308,10 +306,11 @@ class Archive:
         spends there, a serial sender (storescu, most modalities) waits for, as
         both often take turns on one CPU. (The worker thread made them once:
         it and the event loop then took turns at the interpreter lock around
-        each file, and the gain was lost.) Where the process cannot, this
-        makes them, between a response and the sender's next request. Named
-        spares (one-flush filing) stay the worker's: they are handed out only
-        after a flush of ``tmp/``, one for many of them.
+        each file, and the gain was lost.) Where there is no such process (or no
+        more), this makes them, between a response and the sender's next request.
+        Named spares (one-flush filing) never come from here: they are handed out
+        only after a flush of ``tmp/``, one for many of them (the process's, or
+        the worker's, ``_refill_spares``).
         """
         if self._one_flush or self._indexer.makes_spares:
             return
@@ -323,21 +322,24 @@ class Archive:
             except OSError:
                 return          # the next object creates its own, and says why if it can't
 
-    def _received_spares(self, fds: list[int]) -> None:
-        """Unnamed temporary files from the indexer process (on its spares thread)."""
-        self._spares.extend((f"/proc/self/fd/{fd}", fd, False) for fd in fds)
+    def _received_spares(self, fds: list[int], names: list[str]) -> None:
+        """Temporary files from the indexer process (on its spares thread)."""
+        self._spares.extend((os.path.join(self.tmp_dir, name), fd, True) if name
+                            else (f"/proc/self/fd/{fd}", fd, False)
+                            for fd, name in zip(fds, names))
 
     def _ask_for_spares(self) -> None:
         """On the worker, after each index batch: ask the indexer process for the
-        unnamed spares taken since (one request at a time)."""
+        spares taken since (one request at a time)."""
         missing = self._spares_wanted - len(self._spares)
         if missing > 0:
             self._indexer.make_spares(missing)
 
     def _refill_spares(self) -> None:
         """On the worker: create temporary files ahead for ``open_incoming`` (at start;
-        later only named ones: unnamed ones come from the indexer process,
-        ``_ask_for_spares``, or the event loop, ``make_spare``).
+        later they come from the indexer process, ``_ask_for_spares``, and where there is
+        none, from here for named ones and from the event loop for unnamed ones,
+        ``make_spare``).
 
         For one-flush filing they are named files in ``tmp/``, handed out only
         once ``tmp/`` is flushed: a data set written into one has a name on
@@ -638,10 +640,9 @@ class Archive:
             if batch:
                 self._settle_filed()
                 self._indexer.index_jobs(batch)
-            if self._one_flush:
+            if self._one_flush and not self._indexer.makes_spares:
                 self._refill_spares()
-            else:
-                self._ask_for_spares()
+            self._ask_for_spares()
 
     def _indexed(self, results: "list[IndexResult] | None", through: int) -> None:
         """The indexer's answer for the jobs up to ``through`` (``results`` None: failed).

@@ -17,7 +17,8 @@ whole batch. It runs in one of two places, behind the same two methods
   event loop writes received data sets into (``make_spares``), and hands
   them over open, through a socket (``SCM_RIGHTS``): creating a file costs
   the kernel tens of microseconds (far more on a file system where many
-  files were just deleted), which here stay off the event loop.
+  files were just deleted), which here stay off the event loop, and off
+  the interpreter lock the event loop needs.
 
 References
 ----------
@@ -30,7 +31,6 @@ import gc
 import logging
 import multiprocessing
 import array
-import errno
 import operator
 import os
 import signal
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import pydicom
 
 from dicomagent.archive.header import record_from_head, uids_from_record
+from dicomagent.archive.incoming import create_temporary
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
 from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
                                      STUDY_KEYS)
@@ -260,13 +261,15 @@ class ProcessIndexer:
     batch (``results`` None when the batch failed); ``wait()`` returns once
     every job handed over has been answered, or the process has gone.
 
-    ``received_spares(fds)``, when given, is called on another thread of
-    ours with the files the process made on request (``make_spares``):
-    unnamed (``O_TMPFILE``) in the data dir's ``tmp/``, open for writing.
+    ``received_spares(fds, names)``, when given, is called on another thread
+    of ours with the files the process made on request (``make_spares``) in
+    the data dir's ``tmp/``, open for writing, and their names there ("" for
+    an unnamed one). ``named_spares``: they must have names, flushed in
+    ``tmp/`` before they are sent (one-flush filing, ``Archive._place``).
     """
 
     def __init__(self, index_path: str, data_dir: str, on_duplicate: str, pending_marker: str,
-                 done, received_spares=None):
+                 done, received_spares=None, named_spares: bool = False):
         self._arguments = (index_path, data_dir, on_duplicate, pending_marker)
         self._process = None            # started with the first jobs: a daemon that
         self._done = done               # stores nothing never pays for it
@@ -277,8 +280,8 @@ class ProcessIndexer:
         self._closing = False
         self._changed = threading.Condition()
         self._received_spares = received_spares
-        self._spares_ok = received_spares is not None   # False once the process cannot
-        self._spares_asked = False                      # a request is being answered
+        self._named_spares = named_spares
+        self._spares_asked = False          # a request is being answered
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
@@ -321,7 +324,7 @@ class ProcessIndexer:
     @property
     def makes_spares(self) -> bool:
         """The process is there to make temporary files (``make_spares``)."""
-        return bool(self._process) and self._spares_ok and not self._gone
+        return bool(self._process) and self._received_spares is not None and not self._gone
 
     def make_spares(self, count: int) -> None:
         """Ask for ``count`` more temporary files, unless a request is still being answered."""
@@ -329,7 +332,7 @@ class ProcessIndexer:
             return
         self._spares_asked = True
         try:
-            self._connection.send(MakeSpares(count))
+            self._connection.send(MakeSpares(count, self._named_spares))
         except OSError:
             self._spares_asked = False      # gone: the answers thread says so
 
@@ -337,18 +340,14 @@ class ProcessIndexer:
         """Receive the files made (``_send_spares``), until the process is gone."""
         while True:
             try:
-                data, fds = _receive_spares(self._spare_socket)
+                tag, fds, names = _receive_spares(self._spare_socket)
             except OSError:
                 return
             if fds:
-                self._received_spares(fds)
-            if not data:
+                self._received_spares(fds, names)
+            if not tag:
                 return                      # end of file: the process has ended
-            if data != MORE_SPARES:         # the last part of an answer
-                if data == NO_SPARES:
-                    log.info("the indexer process cannot make unnamed temporary files here; "
-                             "the event loop makes its own")
-                    self._spares_ok = False
+            if tag == LAST_SPARES:
                 self._spares_asked = False
 
     def wait(self) -> None:
@@ -421,29 +420,34 @@ SYNC = "sync"
 
 @dataclass(frozen=True, slots=True)
 class MakeSpares:
-    """Asks the indexer process for ``count`` empty temporary files (``make_spares``)."""
+    """Asks the indexer process for ``count`` empty temporary files (``make_spares``);
+    ``named``: with names in ``tmp/``, flushed there before they are sent."""
     count: int
+    named: bool = False
 
 
 #: Files per message on the spares socket (the kernel takes up to 253 descriptors in one).
 SPARES_PER_MESSAGE = 64
-#: What each message on the spares socket says: more follow; the answer is complete;
-#: unnamed files cannot be made in this file system (none will come).
-MORE_SPARES, LAST_SPARES, NO_SPARES = b"+", b".", b"!"
+#: How each message on the spares socket starts: more follow, or the answer is complete.
+#: Then the files' names in ``tmp/``, one per descriptor, separated by newlines (empty
+#: for an unnamed file).
+MORE_SPARES, LAST_SPARES = b"+", b"."
 
 
-def _receive_spares(spares: socket.socket) -> tuple[bytes, list[int]]:
-    """One message of ``_send_spares``: its tag and its descriptors, which programs the
-    daemon runs do not inherit (as they inherit none of its own files). Python 3.11's
-    ``socket.recv_fds`` drops its ``flags``: hence ``recvmsg`` itself."""
+def _receive_spares(spares: socket.socket) -> tuple[bytes, list[int], list[str]]:
+    """One message of ``_send_spares``: its tag (empty at the end of the stream), its
+    descriptors, their names. Programs the daemon runs do not inherit the descriptors
+    (as they inherit none of its own files); Python 3.11's ``socket.recv_fds`` drops
+    its ``flags``, hence ``recvmsg`` itself."""
     fds = array.array("i")
     data, ancillary, _, _ = spares.recvmsg(
-        1, socket.CMSG_SPACE(SPARES_PER_MESSAGE * fds.itemsize),
+        4096, socket.CMSG_SPACE(SPARES_PER_MESSAGE * fds.itemsize),
         getattr(socket, "MSG_CMSG_CLOEXEC", 0))
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
+    names = data[1:].decode("ascii").split("\n") if fds else []
+    return data[:1], list(fds), names
 
 #: The indexer process answers at the latest after this many jobs or seconds
 #: (sooner when asked): the daemon needs its answers only to know how far
@@ -486,7 +490,7 @@ def _child_main(connection, spares: socket.socket, index_path: str, data_dir: st
         while True:
             jobs: list[IndexJob] = []
             asked = stop = False
-            spares_wanted = 0
+            spares_wanted, spares_named = 0, False
             wait = ANSWER_AFTER if unanswered else None
             while len(jobs) < 1024 and connection.poll(0 if jobs or asked or spares_wanted
                                                        else wait):
@@ -499,12 +503,13 @@ def _child_main(connection, spares: socket.socket, index_path: str, data_dir: st
                     break
                 if type(message) is MakeSpares:
                     spares_wanted += message.count
+                    spares_named = message.named
                 elif message == SYNC:
                     asked = True
                 else:
                     jobs.extend(message)
             if spares_wanted and not stop:
-                _send_spares(spares, os.path.join(data_dir, "tmp"), spares_wanted)
+                _send_spares(spares, os.path.join(data_dir, "tmp"), spares_wanted, spares_named)
             failed = False
             if jobs:
                 try:
@@ -537,36 +542,47 @@ def _child_main(connection, spares: socket.socket, index_path: str, data_dir: st
         index.close()
 
 
-def _send_spares(spares: socket.socket, tmp_dir: str, count: int) -> None:
-    """Make ``count`` empty unnamed files in ``tmp_dir`` and send them, open, to the
-    daemon (``SPARES_PER_MESSAGE`` to a message; the last one says whether they can be
-    made here at all). A crash loses nothing: unnamed files vanish with the last
-    descriptor."""
-    made: list[int] = []
-    outcome = LAST_SPARES
+def _send_spares(spares: socket.socket, tmp_dir: str, count: int, named: bool = False) -> None:
+    """Make ``count`` empty files in ``tmp_dir`` as the event loop would have made them
+    (``create_temporary``: unnamed where the file system can, unless ``named``) and
+    send them, open, with their names, ``SPARES_PER_MESSAGE`` to a message. Named ones
+    are sent only once ``tmp_dir`` is flushed: their names are on stable storage before
+    a data set is written into one. Unnamed ones vanish with their last descriptor
+    whatever happens; a named one sent is the daemon's (it is left in ``tmp/`` for
+    the next start when unused)."""
+    made: list[tuple[str, int, bool]] = []
     try:
         for _ in range(count):
-            made.append(os.open(tmp_dir, os.O_WRONLY | os.O_TMPFILE, 0o644))
-    except AttributeError:                  # no O_TMPFILE on this system
-        outcome = NO_SPARES
+            made.append(create_temporary(tmp_dir, ".spare", named=named))
+        if named and made:
+            fd = os.open(tmp_dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as error:
-        if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            outcome = NO_SPARES             # not on this file system
-        else:
-            log.warning("cannot create temporary files ahead: %s", error.strerror)
+        log.warning("cannot create temporary files ahead: %s", error.strerror)
+        if named:                           # not known to be flushed: none of them
+            for path, fd, _ in made:
+                os.close(fd)
+                os.unlink(path)
+            made = []
+    parts = [made[start:start + SPARES_PER_MESSAGE]
+             for start in range(0, len(made), SPARES_PER_MESSAGE)] or [[]]
     try:
-        parts = [made[start:start + SPARES_PER_MESSAGE]
-                 for start in range(0, len(made), SPARES_PER_MESSAGE)] or [[]]
         for number, part in enumerate(parts, 1):
-            tag = outcome if number == len(parts) else MORE_SPARES
+            tag = LAST_SPARES if number == len(parts) else MORE_SPARES
             if part:
-                socket.send_fds(spares, [tag], part)
+                names = "\n".join(os.path.basename(path) if is_named else ""
+                                   for path, _, is_named in part)
+                socket.send_fds(spares, [tag + names.encode("ascii")],
+                                [fd for _, fd, _ in part])
             else:
                 spares.send(tag)
     except OSError:
-        pass                                # the daemon is gone
+        pass                                # the daemon is gone; named ones stay in tmp/
     finally:
-        for fd in made:
+        for _, fd, _ in made:
             os.close(fd)
 
 
