@@ -1500,17 +1500,26 @@ def test_indexer_process_makes_the_spares_the_event_loop_takes(tmp_path, fsync):
     assert tmp_files(data_dir) == []
 
 
+@pytest.fixture
+def spares_socket():
+    """The two ends of a spares socket: the daemon's, the indexer process's."""
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
 @pytest.mark.parametrize("count, parts", [(3, 1), (64, 1), (65, 2), (130, 3)])
-def test_indexer_process_sends_spares_in_parts(tmp_path, count, parts):
+def test_indexer_process_sends_spares_in_parts(tmp_path, spares_socket, count, parts):
     """``_send_spares``: at most ``SPARES_PER_MESSAGE`` files to a message, each part but
     the last saying more follow; what ``_receive_spares`` gets is ``count`` distinct
     empty unnamed files, not inherited by programs the daemon runs."""
-    import socket
-
     from dicomagent.archive.indexer import (LAST_SPARES, MORE_SPARES, _receive_spares,
                                             _send_spares)
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = spares_socket
     received, tags = [], []
     try:
         _send_spares(theirs, str(tmp_path), count)
@@ -1528,11 +1537,10 @@ def test_indexer_process_sends_spares_in_parts(tmp_path, count, parts):
     finally:
         for fd in received:
             os.close(fd)
-        ours.close()
-        theirs.close()
 
 
-def test_indexer_process_flushes_named_spares_before_sending_them(tmp_path, monkeypatch):
+def test_indexer_process_flushes_named_spares_before_sending_them(tmp_path, monkeypatch,
+                                                                 spares_socket):
     """One-flush filing (fsync on) wants named spares whose names are on stable storage
     before a data set goes in: ``_send_spares`` flushes ``tmp/`` once, then sends each
     file open with its name."""
@@ -1555,7 +1563,7 @@ def test_indexer_process_flushes_named_spares_before_sending_them(tmp_path, monk
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(socket, "send_fds", send_fds)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = spares_socket
     fds: list[int] = []
     try:
         _send_spares(theirs, str(tmp_path), 3, named=True)
@@ -1570,24 +1578,17 @@ def test_indexer_process_flushes_named_spares_before_sending_them(tmp_path, monk
     finally:
         for fd in fds:
             os.close(fd)
-        ours.close()
-        theirs.close()
 
 
-def test_indexer_process_that_cannot_make_spares_says_so(tmp_path, caplog):
+def test_indexer_process_that_cannot_make_spares_says_so(tmp_path, caplog, spares_socket):
     """No such directory: the answer comes, complete and empty, with one log line (the
-    daemon asks again after its next batch, and its event loop makes its own meanwhile)."""
-    import socket
-
+    daemon asks again after its next batch; the event loop takes a spare made earlier,
+    or makes a file for the data set itself)."""
     from dicomagent.archive.indexer import LAST_SPARES, _receive_spares, _send_spares
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        _send_spares(theirs, str(tmp_path / "missing"), 5)
-        assert _receive_spares(ours) == (LAST_SPARES, [], [])
-    finally:
-        ours.close()
-        theirs.close()
+    ours, theirs = spares_socket
+    _send_spares(theirs, str(tmp_path / "missing"), 5)
+    assert _receive_spares(ours) == (LAST_SPARES, [], [])
     assert [r.message for r in caplog.records] == [
         "cannot create temporary files ahead: No such file or directory"]
 
