@@ -137,8 +137,8 @@ async def one_pass(corpus_dir: str, work: str) -> dict:
         while len(transport.written) - answered_before < number + 1 - 64:
             await asyncio.sleep(0.002)  # back-pressure: wait, untimed, for the index
         waited = 0
-        while (len(agent.archive._spares) < 16 and agent.archive._indexer.makes_spares
-               and waited < 500):
+        while (len(agent.archive._spares) < 16 and waited < 500
+               and getattr(agent.archive._indexer, "makes_spares", False)):   # older trees
             await asyncio.sleep(0.002)  # wait, untimed, for spares (when they come)
             waited += 1
     while len(transport.written) - answered_before < len(pdus):
