@@ -27,10 +27,10 @@ Seed Tables 41-48 (what is indexed); PS3.10 §7 (the files read here).
 
 from __future__ import annotations
 
+import array
 import gc
 import logging
 import multiprocessing
-import array
 import operator
 import os
 import signal
@@ -449,6 +449,7 @@ def _receive_spares(spares: socket.socket) -> tuple[bytes, list[int], list[str]]
     names = data[1:].decode("ascii").split("\n") if fds else []
     return data[:1], list(fds), names
 
+
 #: The indexer process answers at the latest after this many jobs or seconds
 #: (sooner when asked): the daemon needs its answers only to know how far
 #: behind it is, and every answer costs the daemon a thread switch.
@@ -565,7 +566,10 @@ def _send_spares(spares: socket.socket, tmp_dir: str, count: int, named: bool = 
         if named:                           # not known to be flushed: none of them
             for path, fd, _ in made:
                 os.close(fd)
-                os.unlink(path)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass                    # an empty .spare: the next start takes it
             made = []
     parts = [made[start:start + SPARES_PER_MESSAGE]
              for start in range(0, len(made), SPARES_PER_MESSAGE)] or [[]]
