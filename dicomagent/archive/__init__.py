@@ -78,7 +78,7 @@ import pydicom
 from dicomagent.archive.indexer import (PENDING_MARGIN, IndexJob, IndexResult, ProcessIndexer,
                                         ThreadIndexer, index_jobs, parse_file)
 from dicomagent.archive.incoming import (IncomingFile, can_seal, create_temporary,
-                                         file_crc32, is_sealed_intact, seal)
+                                         file_crc32, fsync_directory, is_sealed_intact, seal)
 from dicomagent.archive.index import SQLiteIndex
 from dicomagent.archive.keys import INDEXED_TAGS
 from dicomagent.archive.structure import StructureError, check_structure
@@ -356,7 +356,7 @@ class Archive:
             while len(self._spares) + len(made) < self._spares_wanted:
                 made.append(create_temporary(self.tmp_dir, ".spare", named=self._one_flush))
             if self._one_flush and made:
-                _fsync_directory(self.tmp_dir)
+                fsync_directory(self.tmp_dir)
         except OSError as error:
             log.warning("cannot create temporary files ahead: %s", error.strerror)
             for path, fd, named in made:
@@ -565,7 +565,7 @@ class Archive:
             directories.update(changed)
         try:
             for directory in directories:
-                _fsync_directory(directory)
+                fsync_directory(directory)
         except OSError as error:
             # The names in tmp/ stay: the next start files what is missing (``recover``).
             log.error("cannot flush archive directories: %s", error)
@@ -577,7 +577,7 @@ class Archive:
                 pass
         if flush_tmp:
             try:
-                _fsync_directory(self.tmp_dir)
+                fsync_directory(self.tmp_dir)
             except OSError as error:
                 log.error("cannot flush %s: %s", self.tmp_dir, error)
 
@@ -667,7 +667,7 @@ class Archive:
             pass
         os.utime(self.pending_marker)
         if self.settings.fsync:
-            _fsync_directory(self.data_dir)
+            fsync_directory(self.data_dir)
 
     # --- storage commitment and retention (on the worker thread, through ``call``) -----------
 
@@ -749,7 +749,7 @@ class Archive:
                 log.info("removed %s (incomplete when the agent stopped)", name)
             os.unlink(path)
         if kept and self._one_flush:
-            _fsync_directory(self.tmp_dir)      # their names, before they are handed out
+            fsync_directory(self.tmp_dir)      # their names, before they are handed out
         self._spares.extend(kept)
 
     def _refile(self, path: str) -> None:
@@ -924,16 +924,8 @@ def _settle(future: concurrent.futures.Future, result=None, exception=None) -> N
         future.set_result(result)
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_directories(final_path: str, made: list[str]) -> None:
     """Flush the directories whose entries changed when ``final_path`` was put in place:
     its own, and the parent of each one made for it (``_in_place``)."""
     for directory in [os.path.dirname(final_path), *made]:
-        _fsync_directory(directory)
+        fsync_directory(directory)

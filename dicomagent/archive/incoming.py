@@ -83,6 +83,15 @@ def create_temporary(tmp_dir: str, suffix: str = ".part", named: bool = False
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), True
 
 
+def fsync_directory(directory: str) -> None:
+    """Flush a directory: the names made or removed in it reach stable storage."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 #: The extended attribute that seals a received file with its size and CRC-32,
 #: set just before its one flush (``storage.fsync``: ``Archive._place``). A file
 #: in ``tmp/`` whose bytes match its seal was complete when it was flushed; any

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import pydicom
 
 from dicomagent.archive.header import record_from_head, uids_from_record
-from dicomagent.archive.incoming import create_temporary
+from dicomagent.archive.incoming import create_temporary, fsync_directory
 from dicomagent.archive.index import InstanceRecord, SQLiteIndex
 from dicomagent.archive.keys import (INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS,
                                      STUDY_KEYS)
@@ -556,11 +556,7 @@ def _send_spares(spares: socket.socket, tmp_dir: str, count: int, named: bool = 
         for _ in range(count):
             made.append(create_temporary(tmp_dir, ".spare", named=named))
         if named and made:
-            fd = os.open(tmp_dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_directory(tmp_dir)
     except OSError as error:
         log.warning("cannot create temporary files ahead: %s", error.strerror)
         if named:                           # not known to be flushed: none of them
