@@ -829,7 +829,23 @@ def ratios(summary: dict) -> dict:
     return out
 
 
-def print_report(summary: dict, ratio_table: dict, args, corpus: dict) -> None:
+def paired_ratios(runs: list[Run]) -> dict:
+    """Each ratio taken within a round (the two servers ran minutes apart at most), then
+    the median over the rounds: this VM's speed drifts over a benchmark, and a slow
+    stretch that catches one server's run in one round moves a ratio of medians more."""
+    rate = {(r.workload, r.slot, r.round): r.objects_per_second for r in runs}
+    out: dict = {}
+    for workload in dict.fromkeys(r.workload for r in runs):
+        rounds = sorted({r.round for r in runs if r.workload == workload})
+        for a, b in RATIOS:
+            each = [rate[workload, a, n] / rate[workload, b, n] for n in rounds
+                    if (workload, a, n) in rate and (workload, b, n) in rate]
+            if each:
+                out.setdefault(workload, {})[f"{a}/{b}"] = statistics.median(each)
+    return out
+
+
+def print_report(summary: dict, ratio_table: dict, paired: dict, args, corpus: dict) -> None:
     print()
     print(f"storescu -> server on {HOST}, one association per run; median of {args.rounds} "
           f"round(s); MB = 10^6 bytes of Part 10 files")
@@ -854,10 +870,17 @@ def print_report(summary: dict, ratio_table: dict, args, corpus: dict) -> None:
               f"(\"busy elsewhere\": the whole machine's CPU time less the server's and "
               f"storescu's, per second); the figures are noisier than on a quiet machine")
     print()
-    for workload, table in ratio_table.items():
-        print(f"ratios, {workload} (objects/s): "
-              + ", ".join(f"{k.replace('dicomagent-nofsync', 'dicomagent(fsync off)').replace('dicomagent-fsync', 'dicomagent(fsync on)')} "
-                          f"{v:.2f}" for k, v in table.items()))
+    for title, table_of in (("ratios", ratio_table), ("paired by round", paired)):
+        if title != "ratios" and args.rounds < 2:
+            continue
+        for workload, table in table_of.items():
+            print(f"{title}, {workload} (objects/s): "
+                  + ", ".join(f"{_ratio_name(k)} {v:.2f}" for k, v in table.items()))
+
+
+def _ratio_name(key: str) -> str:
+    return key.replace("dicomagent-nofsync", "dicomagent(fsync off)").replace(
+        "dicomagent-fsync", "dicomagent(fsync on)")
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -1016,8 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
     summary = summarize(runs, args.servers, args.workloads)
-    ratio_table = ratios(summary)
-    print_report(summary, ratio_table, args, corpus)
+    ratio_table, paired = ratios(summary), paired_ratios(runs)
+    print_report(summary, ratio_table, paired, args, corpus)
     problems = [(r.slot, r.workload, r.round, line) for r in runs for line in r.problems]
     if problems:
         print(f"\n{len(problems)} warning/error line(s) in server logs, first ones:")
@@ -1038,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
             "servers": {s: SERVERS[s]["label"] for s in args.servers},
             "summary": summary,
             "ratios": ratio_table,
+            "paired_ratios": paired,
             "runs": [{"server": r.slot, "workload": r.workload, "round": r.round,
                       "seconds": round(r.seconds, 4), "objects_per_second": round(r.objects_per_second, 1),
                       "mb_per_second": round(r.mb_per_second, 1), "server_cpu_seconds": round(r.server_cpu, 2),
