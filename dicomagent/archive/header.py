@@ -29,7 +29,17 @@ from dicomagent.uids import EXPLICIT_VR_BIG_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
 _WANTED = set(INDEXED_TAGS)
 _LAST_WANTED = max(INDEXED_TAGS)
+#: PS3.5 Table 6.2-1. An element with another VR is read with a 2-byte length by the filing
+#: walk (as DCMTK reads it) and as implicit VR by pydicom: this reader leaves it to pydicom.
+_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
+                  b"LT", b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ",
+                  b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT",
+                  b"UV"))
+#: Where pydicom stops reading (``stop_before_pixels``): Float, Double Float and Pixel Data.
+_PIXEL_DATA = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 _DICTIONARY_VR = {tag: dictionary_VR(tag) for tag in INDEXED_TAGS}
+#: The VRs each indexed tag may have (PS3.6); an element saying another is left to pydicom.
+_ALLOWED_VRS = {tag: frozenset(vr.split(" or ")) for tag, vr in _DICTIONARY_VR.items()}
 _LEVEL = {key.tag: (level, key, f"{key.tag:08X}") for level, keys in (
     ("patient", PATIENT_KEYS), ("study", STUDY_KEYS), ("series", SERIES_KEYS),
     ("instance", INSTANCE_KEYS)) for key in keys}
@@ -42,10 +52,15 @@ def scan_header(head: bytes, transfer_syntax: str, complete: bool = False
                 ) -> dict[int, tuple[str, bytes]] | None:
     """Raw (VR, value) of the indexed tags among the top-level elements of ``head``.
 
+    The scan goes on past the last indexed tag, up to the pixel data (where pydicom
+    stops reading too), to see that the tags ascend: a data set with elements out of
+    order or repeated (against PS3.5 §7.1), or with a VR that PS3.5 does not know, is
+    left to pydicom, which sorts them and reads such an element its own way.
+
     None when the head does not hold them all for certain (it ends before the
-    pixel data or the last indexed tag, unless ``complete``: the head is the
-    whole data set), or the syntax is not an uncompressed or encapsulated one
-    with plain elements.
+    last indexed tag; or, when ``complete`` says the head is the whole data set,
+    before the pixel data or the end), or the syntax is not an uncompressed or
+    encapsulated one with plain elements.
     """
     if transfer_syntax == "1.2.840.10008.1.2.1.99":
         return None
@@ -57,47 +72,68 @@ def scan_header(head: bytes, transfer_syntax: str, complete: bool = False
     u32 = U32[little]
     found: dict[int, tuple[str, bytes]] = {}
     position, end = 0, len(head)
+    tag = -1
     while True:
         if complete and position == end:
             return found
         if end - position < 8:
-            return None
+            return _held(found, tag, complete)
+        previous = tag
         if implicit:
             group, element, length = header.unpack_from(head, position)
             raw_vr = None
         else:
             group, element, raw_vr, length = header.unpack_from(head, position)
+            if raw_vr not in _VRS:
+                return None
         tag = group << 16 | element
-        if tag > _LAST_WANTED:
-            return found            # past every indexed tag: the head held them all
+        if tag <= previous or group < 0x0008:
+            return None             # out of order, repeated, or command / file meta
+        if tag in _PIXEL_DATA:
+            return found
         if raw_vr in LONG_VRS:
             if end - position < 12:
-                return None
+                return _held(found, tag, complete)
             (length,) = u32.unpack_from(head, position + 8)
             position += 12
         else:
             position += 8
-        if length == 0xFFFFFFFF:
-            return None             # an undefined-length sequence: pydicom reads those
-        if length > end - position:
-            return None
+        if length == 0xFFFFFFFF or length > end - position:
+            # An undefined-length sequence (pydicom reads those), or a value that runs
+            # past the head.
+            return _held(found, tag, complete)
         if tag in _WANTED:
             vr = (_DICTIONARY_VR.get(tag, "UN") if raw_vr is None
                   else raw_vr.decode("ascii", "replace"))
-            if vr == "SQ" or vr == "UN":
-                return None
+            if vr == "SQ" or vr not in _ALLOWED_VRS[tag]:
+                return None         # a sequence, UN or a VR the tag cannot have
             found[tag] = (vr, head[position:position + length])
         position += length
+
+
+def _held(found: dict, tag: int, complete: bool) -> dict | None:
+    """What a scan that cannot go on at ``tag`` has: every indexed tag, when it got past
+    the last one in a head cut short (what lies beyond is taken to ascend); else None —
+    and always for a whole data set, whose every element pydicom would read."""
+    return found if tag > _LAST_WANTED and not complete else None
 
 
 def _strings(vr: str, raw: bytes, codec: str) -> list[str]:
     text = raw.decode(codec if vr in _CHARSET_VRS else "ascii")
     if vr == "UI":
         text = text.rstrip("\x00 ")
-    parts = [text] if vr in _SINGLE_VALUED_TEXT else text.split("\\")
+        if text.strip("0123456789.\\"):
+            raise ValueError("not a UID (pydicom trims such a value its own way)")
     if vr in _SINGLE_VALUED_TEXT:
-        return [parts[0].rstrip(" \x00")]
-    return [part.strip(" \x00") if vr not in ("UI",) else part for part in parts]
+        return [text.rstrip(" \x00")]
+    if vr == "UI":
+        return text.split("\\")
+    parts = text.rstrip(" \x00").split("\\")     # the padding of the last value first
+    if any(part[:1] in (" ", "\x00") for part in parts):
+        # Leading padding: insignificant for most of these VRs (PS3.5 Table 6.2-1), but
+        # pydicom keeps it, and the index must not depend on which of the two read it.
+        raise ValueError("a value with leading spaces: pydicom reads it")
+    return [part.rstrip(" \x00") for part in parts]
 
 
 def _json(vr: str, raw: bytes, codec: str, little: bool) -> tuple[dict, str]:
@@ -110,24 +146,26 @@ def _json(vr: str, raw: bytes, codec: str, little: bool) -> tuple[dict, str]:
                                     raw[:len(raw) - len(raw) % size]))
         return {"vr": vr, "Value": values}, "\\".join(str(v) for v in values)
     strings = _strings(vr, raw, codec)
-    text = "\\".join(strings)
     if vr == "PN":
-        values = []
+        # As pydicom: empty trailing component groups dropped ("Doe=" is "Doe"), an
+        # empty one before another kept ("=山田^太郎": no alphabetic name).
+        names, values = [], []
         for name in strings:
             groups = name.split("=")
-            value = {}
-            for label, group in zip(("Alphabetic", "Ideographic", "Phonetic"), groups):
-                if group:
-                    value[label] = group
-            values.append(value)
-        return {"vr": vr, "Value": values}, text
+            while groups and not groups[-1]:
+                groups.pop()
+            names.append("=".join(groups))
+            values.append(dict(zip(("Alphabetic", "Ideographic", "Phonetic"), groups)))
+        text = "\\".join(names)
+        return ({"vr": vr, "Value": values} if text else {"vr": vr}), text
+    text = "\\".join(strings)
     if vr == "IS":
         return {"vr": vr, "Value": [int(s) if s else None for s in strings]}, text
     if vr == "DS":
         return {"vr": vr, "Value": [float(s) if s else None for s in strings]}, text
     if not text:
         return {"vr": vr}, ""
-    return {"vr": vr, "Value": [s if s else None for s in strings]}, text
+    return {"vr": vr, "Value": strings}, text           # an empty one is "", as pydicom has it
 
 
 #: ``_json`` results by its arguments: the patient, study and series attributes are
@@ -158,7 +196,7 @@ def record_from_head(head: bytes, transfer_syntax: str, complete: bool = False
     charset_json = None
     if 0x00080005 in found:
         vr, raw = found.pop(0x00080005)
-        names = [n.strip(" \x00") for n in raw.decode("ascii").split("\\")]
+        names = [n.strip(" \x00") for n in raw.decode("ascii", "replace").split("\\")]
         if len(names) != 1 or names[0] not in CODECS:
             return None
         charset = names[0]
