@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 
 import atheris
 
@@ -169,6 +170,7 @@ def corpus_args(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     logging.disable(logging.WARNING)    # pydicom's warnings about odd values, once per input
+    warnings.simplefilter("ignore")
     for seed in seeds():                # the seeds themselves must pass, and be answered
         TestOneInput(seed)
         if record_from_head(seed[1:], SYNTAXES[seed[0] % 3], complete=True) is None:
