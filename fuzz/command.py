@@ -23,10 +23,10 @@ PS3.7 §6.3.1 (command set encoding), Annex E (command dictionary); PS3.8 Annex 
 
 from __future__ import annotations
 
-import os
 import sys
 
 import atheris
+from _corpus import corpus_args
 
 with atheris.instrument_imports():
     from dicomagent.dimse.commands import (MESSAGES, CommandDecodeError, decode_command,
@@ -98,20 +98,8 @@ def seeds() -> list[bytes]:
     return out
 
 
-def corpus_args(argv: list[str]) -> list[str]:
-    """argv with the seed corpus directory added when no corpus directory was given."""
-    if any(not arg.startswith("-") for arg in argv[1:]):
-        return argv
-    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus-command")
-    os.makedirs(directory, exist_ok=True)
-    for n, seed in enumerate(seeds()):
-        with open(os.path.join(directory, f"seed-{n}"), "wb") as f:
-            f.write(seed)
-    return [*argv, directory]
-
-
 if __name__ == "__main__":
     for seed in seeds():           # the seeds themselves must pass
         TestOneInput(seed)
-    atheris.Setup(corpus_args(sys.argv), TestOneInput)
+    atheris.Setup(corpus_args(sys.argv, "command", seeds()), TestOneInput)
     atheris.Fuzz()

@@ -39,6 +39,7 @@ import tempfile
 import warnings
 
 import atheris
+from _corpus import corpus_args
 
 with atheris.instrument_imports():
     import pydicom
@@ -156,18 +157,6 @@ def seeds() -> list[bytes]:
     return out
 
 
-def corpus_args(argv: list[str]) -> list[str]:
-    """argv with the seed corpus directory added when no corpus directory was given."""
-    if any(not arg.startswith("-") for arg in argv[1:]):
-        return argv
-    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus-header")
-    os.makedirs(directory, exist_ok=True)
-    for n, seed in enumerate(seeds()):
-        with open(os.path.join(directory, f"seed-{n}"), "wb") as f:
-            f.write(seed)
-    return [*argv, directory]
-
-
 if __name__ == "__main__":
     logging.disable(logging.WARNING)    # pydicom's warnings about odd values, once per input
     warnings.simplefilter("ignore")
@@ -175,5 +164,5 @@ if __name__ == "__main__":
         TestOneInput(seed)
         if record_from_head(seed[1:], SYNTAXES[seed[0] % 3], complete=True) is None:
             raise AssertionError("a seed the header reader does not answer for")
-    atheris.Setup(corpus_args(sys.argv), TestOneInput)
+    atheris.Setup(corpus_args(sys.argv, "header", seeds()), TestOneInput)
     atheris.Fuzz()

@@ -26,10 +26,10 @@ PS3.8 §9.3 (PDUs), §9.3.5 and Annex E (P-DATA-TF, PDVs).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import atheris
+from _corpus import corpus_args
 
 with atheris.instrument_imports():
     from dicomagent.ul.codes import PDUDecodeError
@@ -197,20 +197,8 @@ def seeds() -> list[bytes]:
     return encoded + [b"".join(encoded[3:]), encoded[3] + encoded[6] + encoded[3]]
 
 
-def corpus_args(argv: list[str]) -> list[str]:
-    """argv with the seed corpus directory added when no corpus directory was given."""
-    if any(not arg.startswith("-") for arg in argv[1:]):
-        return argv
-    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus-pdu")
-    os.makedirs(directory, exist_ok=True)
-    for n, seed in enumerate(seeds()):
-        with open(os.path.join(directory, f"seed-{n}"), "wb") as f:
-            f.write(seed)
-    return [*argv, directory]
-
-
 if __name__ == "__main__":
     for seed in seeds():           # the seeds themselves must pass
         TestOneInput(seed)
-    atheris.Setup(corpus_args(sys.argv), TestOneInput)
+    atheris.Setup(corpus_args(sys.argv, "pdu", seeds()), TestOneInput)
     atheris.Fuzz()
