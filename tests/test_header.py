@@ -160,6 +160,8 @@ def test_header_reader_leaves_what_pydicom_reads_its_own_way_to_pydicom(data):
     pytest.param(_data_set((0x00100010, b"PN", b"Doe^John=")), id="PN empty last group"),
     pytest.param(_data_set((0x00100010, b"PN", b"A==P")), id="PN empty middle group"),
     pytest.param(_data_set((0x00080060, b"CS", b"OT\\")), id="empty value among several"),
+    pytest.param(_data_set((0x00200013, b"IS", b"\x00 ")), id="IS of padding only"),
+    pytest.param(_data_set((0x00080050, b"SH", b"  ")), id="SH of padding only"),
     pytest.param(_data_set(after=[(0x00281050, b"DS", b"40"), (0x7FE00010, b"OB", b"\0\1")]),
                  id="elements after the last indexed one"),
 ])

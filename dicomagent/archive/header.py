@@ -159,12 +159,12 @@ def _json(vr: str, raw: bytes, codec: str, little: bool) -> tuple[dict, str]:
         text = "\\".join(names)
         return ({"vr": vr, "Value": values} if text else {"vr": vr}), text
     text = "\\".join(strings)
+    if not text:
+        return {"vr": vr}, ""               # padding only: empty, as a zero length is
     if vr == "IS":
         return {"vr": vr, "Value": [int(s) if s else None for s in strings]}, text
     if vr == "DS":
         return {"vr": vr, "Value": [float(s) if s else None for s in strings]}, text
-    if not text:
-        return {"vr": vr}, ""
     return {"vr": vr, "Value": strings}, text           # an empty one is "", as pydicom has it
 
 
