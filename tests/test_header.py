@@ -144,6 +144,7 @@ def _pydicom_record(data: bytes):
     pytest.param(_data_set((0x00080050, b"SH", b"  A1")), id="leading spaces"),
     pytest.param(_data_set((0x00100020, b"LO", b"\x00ID7")), id="leading NUL"),
     pytest.param(_data_set((0x00080016, b"UI", b"1.2.840.\x00\x00\x0c")), id="UI not a UID"),
+    pytest.param(_data_set((0x00200013, b"IS", b"3\n")), id="IS with a newline"),
     pytest.param(_element(0x00000816, b"UI", b"1.2") + _data_set(), id="command element"),
 ])
 def test_header_reader_leaves_what_pydicom_reads_its_own_way_to_pydicom(data):

@@ -161,6 +161,9 @@ def _json(vr: str, raw: bytes, codec: str, little: bool) -> tuple[dict, str]:
     text = "\\".join(strings)
     if not text:
         return {"vr": vr}, ""               # padding only: empty, as a zero length is
+    if vr in ("IS", "DS") and any(s != s.strip() for s in strings):
+        # "3\n": Python's int() and float() take it, pydicom's text is "3": pydicom reads it.
+        raise ValueError("a number with white space in it")
     if vr == "IS":
         return {"vr": vr, "Value": [int(s) if s else None for s in strings]}, text
     if vr == "DS":
