@@ -26,10 +26,8 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from _process import BenchError, HOST, ServerProcess, free_port, stop_on_sigterm, storescp_version
+
 
 VERIFICATION_SOP_CLASS = b"1.2.840.10008.1.1"
 IMPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2"
@@ -62,10 +61,6 @@ A_RELEASE_RP = 0x06
 A_ABORT = 0x07
 
 MAX_PDU = 1 << 20  # refuse anything larger: an echo exchange never needs it
-
-
-class BenchError(Exception):
-    """An association did not go as PS3.8/PS3.7 say it should."""
 
 
 # --- PDUs, built once ---------------------------------------------------------------------
@@ -296,77 +291,6 @@ def run_round(target: Target, n: int, timeout: bytes) -> tuple[int, float]:
 # --- the servers --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process with its output in a log file."""
-
-    def __init__(
-        self, name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str], cpus: set[int] | None
-    ) -> None:
-        self.name = name
-        self.argv = argv
-        self.port = port
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            # Pinned before exec, so every thread the server starts inherits it.
-            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)),
-        )
-
-    def wait_ready(self, deadline_s: float) -> None:
-        """Wait until the port accepts a TCP connection (the probe connection is closed at once)."""
-        deadline = time.monotonic() + deadline_s
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited with code {self.proc.returncode} before listening")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{self.name} did not listen on port {self.port} within {deadline_s}s")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
-        return "\n".join("    " + line for line in text)
-
-
-def storescp_version() -> str:
-    try:
-        out = subprocess.run(["storescp", "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("$dcmtk:"):
-            return line.strip("$ ")
-    return out.splitlines()[0] if out else "unknown"
-
-
 def cpu_placement(mode: str) -> tuple[set[int] | None, set[int] | None]:
     """CPUs for (client, servers).
 
@@ -415,23 +339,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("storescp") is None:
         print("storescp not found: install the Debian package dcmtk", file=sys.stderr)
         return 2
-    # SIGTERM takes the same way out as Ctrl-C, so the servers are always stopped.
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
 
     timeout = struct.pack("ll", int(args.timeout), int((args.timeout % 1) * 1e6))
     client_cpus, server_cpus = cpu_placement(args.cpus)
     if client_cpus is not None:
         os.sched_setaffinity(0, client_cpus)
-    servers: list[Server] = []
+    servers: list[ServerProcess] = []
     with tempfile.TemporaryDirectory(prefix="bench-associations-") as tmp:
         workdir = Path(tmp)
         try:
@@ -439,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             scp_port = free_port()
             (workdir / "storescp-out").mkdir()
             servers.append(
-                Server(
+                ServerProcess(
                     "storescp",
                     ["storescp", "-aet", "STORESCP", "-od", str(workdir / "storescp-out"), str(scp_port)],
                     scp_port,
@@ -457,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 repo = str(Path(__file__).resolve().parent.parent)
                 da_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
                 servers.append(
-                    Server(
+                    ServerProcess(
                         "dicomagent",
                         [sys.executable, "-m", "dicomagent", "serve", "--host", HOST, "--port", str(da_port),
                          "--data-dir", str(workdir / "dicomagent-data")],

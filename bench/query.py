@@ -56,8 +56,6 @@ import platform
 import random
 import resource
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -69,19 +67,21 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 # Measure this checkout, not an installed dicomagent.
 sys.path.insert(0, str(REPO))
 
 import msgpack  # noqa: E402
 
+import store  # noqa: E402 - bench/store.py: the CT series it sends is the study moved here
+from _process import (BenchError, HOST, ServerProcess, cpu_times, free_port,  # noqa: E402
+                      stop_on_sigterm, storescp_version)
+
 GENERATOR_VERSION = 1            # bump when the synthetic index changes: a reused one is rebuilt
 SIDECAR = "bench-query.json"
 CALLING_AE_TITLE = "BENCHSCU"
 AGENT_AE_TITLE = "DICOMAGENT"
 STORESCP_AE_TITLE = "STORESCP"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 INSTANCES_PER_STUDY = 10
 STUDIES_PER_PATIENT = 5
@@ -94,7 +94,6 @@ CT_OBJECTS = 300
 CHARSET = "ISO_IR 100"
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 # Modality -> (SOP Class UID, Rows, Columns, Bits Allocated, file size in bytes).
 MODALITIES = {
     "CT": ("1.2.840.10008.5.1.4.1.1.2", 512, 512, 16, 526_000),
@@ -123,10 +122,6 @@ GIVEN_NAMES = {
 }
 REFERRING = ["HOUSE^GREGORY", "GREY^MEREDITH", "KILDARE^JAMES", "QUINN^MICHAELA", "ROSS^DOUG",
              "WELBY^MARCUS", ""]
-
-
-class BenchError(Exception):
-    """Something did not go as it should: the run fails."""
 
 
 # --- the synthetic index ------------------------------------------------------------------
@@ -351,81 +346,6 @@ def index_counts(path: Path) -> dict[str, int]:
 # --- the CT study ---------------------------------------------------------------------------
 
 
-def generate_ct(directory: Path, count: int) -> str:
-    """``count`` axial CT slices of one series (512x512, 16-bit, Explicit VR LE); the Study UID."""
-    import numpy as np
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-
-    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "dicomagent/bench/query/ct")
-    counter = iter(range(1, 1 << 30))
-
-    def uid() -> str:
-        return "2.25.%d" % uuid.uuid5(namespace, str(next(counter))).int
-
-    study_uid, series_uid, frame_of_reference = uid(), uid(), uid()
-    rng = np.random.default_rng(20240601)
-    y, x = np.mgrid[0:512, 0:512]
-    body = ((x - 256) / 230.0) ** 2 + ((y - 270) / 170.0) ** 2 <= 1.0
-    base = np.where(body, 1064, 24).astype(np.int16)
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        sop_uid = uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = EXPLICIT_VR_LITTLE_ENDIAN
-        meta.ImplementationClassUID = "2.25.31898174427430335436414862612934311681"
-        meta.ImplementationVersionName = "DA_BENCH_QUERY"
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = CHARSET
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240601"
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
-        ds.AccessionNumber = "BENCHCT0001"
-        ds.Modality = "CT"
-        ds.Manufacturer = "dicomagent bench"
-        ds.ReferringPhysicianName = "HOUSE^GREGORY"
-        ds.StudyDescription = "CT CHEST ABDOMEN PELVIS W/O CONTRAST"
-        ds.SeriesDescription = "Axial 1.25mm STANDARD"
-        ds.PatientName = "BENCH^CT"
-        ds.PatientID = "BENCH-CT-0001"
-        ds.PatientBirthDate = "19640229"
-        ds.PatientSex = "F"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1001"
-        ds.SeriesNumber = 2
-        ds.FrameOfReferenceUID = frame_of_reference
-        ds.PositionReferenceIndicator = ""
-        ds.SliceThickness = "1.25"
-        ds.KVP = "120"
-        ds.PatientPosition = "FFS"
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = i + 1
-        z = -100.0 - 1.25 * i
-        ds.ImagePositionPatient = [-200.0, -200.0, z]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SliceLocation = f"{z:.2f}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = 512
-        ds.PixelSpacing = [0.78125, 0.78125]
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        noise = rng.integers(-20, 21, size=(512, 512), dtype=np.int16)
-        ds.PixelData = (base + noise).tobytes()
-        ds["PixelData"].VR = "OW"
-        ds.save_as(directory / f"CT{i + 1:05d}.dcm", enforce_file_format=True)
-    return study_uid
-
-
 def ct_files(data_dir: Path, study_uid: str) -> list[Path]:
     db = sqlite3.connect(f"file:{data_dir / 'index.sqlite'}?mode=ro", uri=True)
     try:
@@ -491,7 +411,7 @@ def prepare(data_dir: Path, plan: Plan, config: Path, env: dict[str, str]) -> di
         shutil.rmtree(source, ignore_errors=True)
         start = time.perf_counter()
         print(f"CT study: generating {CT_OBJECTS} objects ...", end="", flush=True)
-        study_uid = generate_ct(source, CT_OBJECTS)
+        study_uid = store.generate_ct(source, CT_OBJECTS)["study_uid"]
         print(f" {time.perf_counter() - start:.1f} s; dicomagent import ...", end="", flush=True)
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "dicomagent", "import", "--data-dir", str(data_dir),
@@ -507,65 +427,6 @@ def prepare(data_dir: Path, plan: Plan, config: Path, env: dict[str, str]) -> di
         sidecar["ct"] = ct
         sidecar_path.write_text(json.dumps(sidecar, indent=1) + "\n")
     return {"load": load, "ct": ct, "reused": reuse}
-
-
-# --- the servers --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads (proc(5): /proc/PID/stat fields 14, 15)."""
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        fields = handle.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-class Server:
-    """A server process with its output in a log file."""
-
-    def __init__(self, name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.port = port
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, deadline_s: float = 60.0) -> None:
-        deadline = time.monotonic() + deadline_s
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited with code {self.proc.returncode} before listening\n"
-                                 f"{self.log_tail()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{self.name} did not listen on port {self.port} within {deadline_s}s")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
-        return "\n".join("    " + line for line in text)
 
 
 # --- the queries ----------------------------------------------------------------------------
@@ -730,11 +591,11 @@ async def run_queries(port: int, kinds: list[Kind], server_pid: int) -> None:
                 await one(payloads[kind.name][i])
         for i in range(kinds[0].warmup, len(kinds[0].identifiers)):
             for kind in kinds:
-                cpu_before = cpu_seconds(server_pid)
+                cpu_before = sum(cpu_times(server_pid))
                 start = time.perf_counter()
                 matches, status = await one(payloads[kind.name][i])
                 elapsed = time.perf_counter() - start
-                kind.server_cpu.append(cpu_seconds(server_pid) - cpu_before)
+                kind.server_cpu.append(sum(cpu_times(server_pid)) - cpu_before)
                 if status != 0 or matches != kind.expected[i]:
                     raise BenchError(f"{kind.label} #{i + 1}: {matches} matches, status 0x{status:04X}; "
                                      f"expected {kind.expected[i]}, status 0x0000")
@@ -835,17 +696,6 @@ def empty(directory: Path) -> None:
 # --- main ---------------------------------------------------------------------------------
 
 
-def storescp_version() -> str:
-    try:
-        out = subprocess.run(["storescp", "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("$dcmtk:"):
-            return line.strip("$ ")
-    return out.splitlines()[0] if out else "unknown"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--instances", type=int, default=1_000_000,
@@ -864,16 +714,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("storescp") is None:
         print("storescp not found: install the Debian package dcmtk", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     import uvloop
 
     plan = Plan.make(args.instances, args.seed)
@@ -883,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-query-"))
     env = dict(os.environ, TCP_NODELAY="1",       # DCMTK: disable Nagle (else ~40 ms/message)
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    servers: list[Server] = []
+    servers: list[ServerProcess] = []
     try:
         scp_port, agent_port = free_port(), free_port()
         config = workdir / "dicomagent.toml"
@@ -896,10 +742,10 @@ def main(argv: list[str] | None = None) -> int:
 
         out = workdir / "storescp-out"
         out.mkdir()
-        storescp = Server("storescp", ["storescp", "-aet", STORESCP_AE_TITLE, "-od", str(out), str(scp_port)],
+        storescp = ServerProcess("storescp", ["storescp", "-aet", STORESCP_AE_TITLE, "-od", str(out), str(scp_port)],
                           scp_port, workdir, env)
         servers.append(storescp)
-        agent = Server("dicomagent", [sys.executable, "-m", "dicomagent", "serve", "--host", HOST,
+        agent = ServerProcess("dicomagent", [sys.executable, "-m", "dicomagent", "serve", "--host", HOST,
                                       "--port", str(agent_port), "--data-dir", str(data_dir),
                                       "-c", str(config)], agent_port, workdir, env)
         servers.append(agent)
@@ -927,12 +773,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 empty(out)
                 # CPU of the sender: the agent for C-MOVE, this process or the command for C-STORE.
-                agent_cpu, own_cpu = cpu_seconds(agent.proc.pid), time.process_time()
+                agent_cpu, own_cpu = sum(cpu_times(agent.proc.pid)), time.process_time()
                 children_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
                 seconds, done, failed = actions[name]()
                 children = resource.getrusage(resource.RUSAGE_CHILDREN)
                 sender_cpu = {
-                    "move": cpu_seconds(agent.proc.pid) - agent_cpu,
+                    "move": sum(cpu_times(agent.proc.pid)) - agent_cpu,
                     "store": time.process_time() - own_cpu,
                     "store_cli": children.ru_utime + children.ru_stime - children_cpu.ru_utime - children_cpu.ru_stime,
                 }[name]

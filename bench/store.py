@@ -68,8 +68,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -80,12 +78,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from _process import BenchError, CLOCK_TICKS, HOST, ServerProcess, free_port, stop_on_sigterm
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_VERSION = 1          # bump when the generator changes: a reused --corpus is regenerated
 CALLING_AE_TITLE = "BENCHSCU"
 ORTHANC = "/usr/sbin/Orthanc"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -106,10 +104,6 @@ WORKLOADS = ("ct", "small")
 #: storescp-fsync's flush library: its source, and where ``build_flush_library`` put it.
 FLUSH_SOURCE = REPO / "bench" / "flushclose.c"
 FLUSH_LIBRARY: Path | None = None
-
-
-class BenchError(Exception):
-    """A server failed to start, lost objects, or a run did not go as it should."""
 
 
 # --- the corpus ---------------------------------------------------------------------------
@@ -241,7 +235,7 @@ def generate_ct(directory: Path, count: int) -> dict:
         ds.PixelData = (base + noise).tobytes()
         ds["PixelData"].VR = "OW"
         total += _save(ds, directory / f"CT{i + 1:05d}.dcm")
-    return {"objects": count, "bytes": total, "studies": 1,
+    return {"objects": count, "bytes": total, "studies": 1, "study_uid": study["uid"],
             "sop_class": CT_IMAGE_STORAGE, "what": "CT Image Storage 512x512 16-bit"}
 
 
@@ -338,33 +332,6 @@ def http_get_json(url: str, timeout: float):
         return json.load(response)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process and its live descendants, all their threads
-    (proc(5): /proc/PID/stat fields 14, 15; /proc/PID/task/TID/children). dicomagent's
-    indexer is a child process: its CPU time counts as the server's."""
-    user = system = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            with open(f"/proc/{current}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children", "rb") as handle:
-                    pending.extend(int(child) for child in handle.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        user += int(fields[11]) / CLOCK_TICKS
-        system += int(fields[12]) / CLOCK_TICKS
-    return user, system
-
-
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot (proc(5): /proc/stat "cpu")."""
     with open("/proc/stat", "rb") as handle:
@@ -389,7 +356,7 @@ def with_tree(env: dict[str, str], tree: Path) -> dict[str, str]:
     return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")])))
 
 
-class Server:
+class Server(ServerProcess):
     """One server process, started afresh for one run on an empty storage directory."""
 
     def __init__(self, slot: str, workdir: Path, run_id: str, env: dict[str, str],
@@ -402,13 +369,10 @@ class Server:
         self.storage = self.dir / "data"
         self.port = free_port()
         self.http_port = 0
-        self.log_path = self.dir / "server.log"
+        self._http_ok = self.kind != "orthanc"
         self.ae_title, argv, env = getattr(self, f"_{self.kind}")(env, max_pdu)
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
+        super().__init__(slot, argv, self.port, self.dir, env, cpus,
+                         log_path=self.dir / "server.log")
 
     # How each kind is started: (AE title, argv, environment).
 
@@ -466,28 +430,12 @@ class Server:
 
     # Readiness, counting, stopping.
 
-    def wait_ready(self, deadline_s: float = 60.0) -> None:
-        deadline = time.monotonic() + deadline_s
-        http_ok = self.kind != "orthanc"
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.slot} exited with code {self.proc.returncode} before "
-                                 f"it was ready\n{self.log_tail()}")
-            try:
-                if not http_ok:
-                    http_ok = "Version" in http_get_json(f"http://{HOST}:{self.http_port}/system", 1)
-                if http_ok:
-                    with socket.create_connection((HOST, self.port), timeout=0.5):
-                        return
-            except (OSError, ValueError):      # URLError is an OSError; ValueError: not JSON yet
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.slot} not ready on port {self.port} within {deadline_s} s\n"
-                                 f"{self.log_tail()}")
-            time.sleep(0.05)
-
-    def cpu_times(self) -> tuple[float, float]:
-        return cpu_times(self.proc.pid)
+    def ready(self) -> bool:
+        """For Orthanc, its REST API answers first (objects are counted through it);
+        then the DICOM port takes a connection."""
+        if not self._http_ok:
+            self._http_ok = "Version" in http_get_json(f"http://{HOST}:{self.http_port}/system", 1)
+        return self._http_ok and super().ready()
 
     def flushes(self) -> int:
         """storescp-fsync: the files its flush library has flushed so far."""
@@ -532,19 +480,6 @@ class Server:
             raise BenchError(f"dicomagent ls failed ({out.returncode}): {out.stderr.strip()}")
         return len(json.loads(out.stdout))
 
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 15 s; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
-
     def problems(self) -> list[str]:
         """Log lines that say something went wrong."""
         try:
@@ -561,13 +496,6 @@ class Server:
                     and "already exists, overwriting" not in l]
         return [l for l in lines if any(m in l for m in (" WARNING ", " ERROR ", " CRITICAL ",
                                                           "Traceback"))]
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
-        return "\n".join("    " + line for line in text)
 
 
 # --- the sender ---------------------------------------------------------------------------
@@ -963,10 +891,6 @@ def extract_revision(rev: str, workdir: Path) -> Path:
     return tree
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     needed = {"storescu"} | {"storescp" for s in args.servers if SERVERS[s]["kind"] == "storescp"}
@@ -981,8 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench: not found: {', '.join(missing)} (Debian packages dcmtk and orthanc)", file=sys.stderr)
         return 2
-    # SIGTERM takes the same way out as Ctrl-C, so the servers are always stopped.
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
 
     available = sorted(os.sched_getaffinity(0))
     client_cpus = server_cpus = None
