@@ -145,6 +145,9 @@ def _pydicom_record(data: bytes):
     pytest.param(_data_set((0x00100020, b"LO", b"\x00ID7")), id="leading NUL"),
     pytest.param(_data_set((0x00080016, b"UI", b"1.2.840.\x00\x00\x0c")), id="UI not a UID"),
     pytest.param(_data_set((0x00200013, b"IS", b"3\n")), id="IS with a newline"),
+    pytest.param(_data_set((0x00080060, b"CS", b"OT  \\MR")), id="CS padded before another"),
+    pytest.param(_data_set((0x00100010, b"PN", b"A\x00\x00\\B")), id="PN padded before another"),
+    pytest.param(_data_set((0x00200013, b"IS", b"3 \\4")), id="IS padded before another"),
     pytest.param(_element(0x00000816, b"UI", b"1.2") + _data_set(), id="command element"),
 ])
 def test_header_reader_leaves_what_pydicom_reads_its_own_way_to_pydicom(data):
@@ -163,6 +166,7 @@ def test_header_reader_leaves_what_pydicom_reads_its_own_way_to_pydicom(data):
     pytest.param(_data_set((0x00080060, b"CS", b"OT\\")), id="empty value among several"),
     pytest.param(_data_set((0x00200013, b"IS", b"\x00 ")), id="IS of padding only"),
     pytest.param(_data_set((0x00080050, b"SH", b"  ")), id="SH of padding only"),
+    pytest.param(_data_set((0x00100020, b"LO", b"ID1 \\ID2 ")), id="LO padded before another"),
     pytest.param(_data_set(after=[(0x00281050, b"DS", b"40"), (0x7FE00010, b"OB", b"\0\1")]),
                  id="elements after the last indexed one"),
 ])

@@ -46,6 +46,9 @@ _LEVEL = {key.tag: (level, key, f"{key.tag:08X}") for level, keys in (
 _NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 _SINGLE_VALUED_TEXT = {"LT", "ST", "UT", "UR"}
 _CHARSET_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
+#: VRs whose values pydicom trims one by one (its ``convert_text``); of the others' values
+#: (CS, DA, TM, DT, PN, IS, DS, ...) it trims the last one only.
+_EACH_VALUE_TRIMMED = {"SH", "LO", "UC"}
 
 
 def scan_header(head: bytes, transfer_syntax: str, complete: bool = False
@@ -133,7 +136,12 @@ def _strings(vr: str, raw: bytes, codec: str) -> list[str]:
         # Leading padding: insignificant for most of these VRs (PS3.5 Table 6.2-1), but
         # pydicom keeps it, and the index must not depend on which of the two read it.
         raise ValueError("a value with leading spaces: pydicom reads it")
-    return [part.rstrip(" \x00") for part in parts]
+    if vr in _EACH_VALUE_TRIMMED:
+        return [part.rstrip(" \x00") for part in parts]
+    if any(part[-1:] in (" ", "\x00") for part in parts):
+        # "OT  \\MR": pydicom trims the end of the whole text only, for these VRs.
+        raise ValueError("padding at the end of a value before another: pydicom reads it")
+    return parts
 
 
 def _json(vr: str, raw: bytes, codec: str, little: bool) -> tuple[dict, str]:
