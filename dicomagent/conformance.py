@@ -34,6 +34,7 @@ import pydicom.charset
 from pydicom.uid import UID
 
 from dicomagent import __version__
+from dicomagent import charsets
 from dicomagent import config as config_module
 from dicomagent.dimse import status as dimse_status
 from dicomagent.dimse.status import UNRECOGNIZED_OPERATION, StatusCategory, category
@@ -78,7 +79,9 @@ def statement(config: config_module.Config | None = None) -> dict:
         "general_statuses": [_status(s) for s in GENERAL_STATUSES],
         "general_statuses_module": dimse_status.__name__,
         "configuration": configuration_keys(),
-        "character_sets": sorted(name for name in pydicom.charset.python_encoding if name),
+        # What pydicom decodes, with the Defined Terms it lacks (``charsets``) among them.
+        "character_sets": sorted(name for name in {*pydicom.charset.python_encoding, *charsets.CODECS}
+                                 if name),
     }
 
 

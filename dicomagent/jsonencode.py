@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 
+from dicomagent.charsets import CODECS
 from dicomagent.transcode import UNCOMPRESSED
 
 
@@ -27,14 +28,6 @@ class Unsupported(Exception):
     """Something this encoder leaves to pydicom."""
 
 
-#: PS3.3 C.12.1.1.2: Specific Character Set values with a single Python codec.
-CODECS = {
-    "": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin_1", "ISO_IR 101": "iso8859_2",
-    "ISO_IR 109": "iso8859_3", "ISO_IR 110": "iso8859_4", "ISO_IR 144": "iso8859_5",
-    "ISO_IR 127": "iso8859_6", "ISO_IR 126": "iso8859_7", "ISO_IR 138": "iso8859_8",
-    "ISO_IR 148": "iso8859_9", "ISO_IR 203": "iso8859_15", "ISO_IR 166": "tis_620",
-    "ISO_IR 192": "utf_8", "GB18030": "gb18030", "GBK": "gbk",
-}
 #: VRs whose text is in the Specific Character Set (PS3.5 §6.1.2.3); others are ASCII.
 CHARSET_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
 #: PS3.5 Table 7.1-1: VRs with a 4-byte length in Explicit VR.

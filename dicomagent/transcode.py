@@ -16,6 +16,7 @@ import pydicom
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from dicomagent import charsets  # noqa: F401 - pydicom learns the Defined Terms it lacks
 from dicomagent.uids import (EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN,
                              IMPLICIT_VR_LITTLE_ENDIAN)
 

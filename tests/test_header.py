@@ -70,7 +70,8 @@ def _synthetic(charset: str | None, name: str, syntax: str) -> bytes:
 
 @pytest.mark.parametrize("syntax", sorted(SYNTAXES))
 @pytest.mark.parametrize("charset,name", [(None, "Doe^John"), ("ISO_IR 100", "Müller^Jürgen"),
-                                          ("ISO_IR 192", "山田^太郎=やまだ^たろう")])
+                                          ("ISO_IR 192", "山田^太郎=やまだ^たろう"),
+                                          ("ISO_IR 203", "Šuštar^Žofia")])
 def test_synthetic_matches_pydicom(syntax, charset, name):
     part10 = _synthetic(charset, name, syntax)
     handle = io.BytesIO(part10)
@@ -133,6 +134,18 @@ def _pydicom_record(data: bytes):
         io.BytesIO(file_meta_information("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4.5.6.7",
                                          EXPLICIT_LE, "TEST") + data),
         stop_before_pixels=True, specific_tags=list(INDEXED_TAGS)))
+
+
+def test_latin_9_is_read_as_latin_9_by_both_readers():
+    """PS3.3 Table C.12-2: ISO_IR 203 is ISO 8859-15 (0xA6 Š, 0xA8 š, 0xB4 Ž where Latin-1
+    has other signs). pydicom 3.0 does not know the term and read it as Latin-1 until
+    ``dicomagent.charsets`` added it: the header reader answered otherwise (found by
+    fuzz/header.py)."""
+    data = _data_set((0x00080005, b"CS", b"ISO_IR 203"),
+                     (0x00100010, b"PN", b"\xa6u\xa8tar^\xb4ofia"))
+    fast = record_from_head(data, EXPLICIT_LE, complete=True)
+    assert fast is not None and fast.patient["PatientName"] == "Šuštar^Žofia"
+    assert _record_fields(fast) == _record_fields(_pydicom_record(data))
 
 
 @pytest.mark.parametrize("data", [

@@ -24,7 +24,7 @@ from pydicom.datadict import dictionary_VR
 from dicomagent.archive.index import InstanceRecord
 from dicomagent.archive.keys import INDEXED_TAGS, INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
 from dicomagent.archive.structure import EXPLICIT_HEADER, IMPLICIT_HEADER, LONG_VRS, U32
-from dicomagent.jsonencode import CODECS
+from dicomagent.charsets import CODECS
 from dicomagent.uids import EXPLICIT_VR_BIG_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
 _WANTED = set(INDEXED_TAGS)
