@@ -80,8 +80,8 @@ def statement(config: config_module.Config | None = None) -> dict:
         "general_statuses_module": dimse_status.__name__,
         "configuration": configuration_keys(),
         # What pydicom decodes, with the Defined Terms it lacks (``charsets``) among them.
-        "character_sets": sorted(name for name in {*pydicom.charset.python_encoding, *charsets.CODECS}
-                                 if name),
+        "character_sets": sorted(name for name in {*pydicom.charset.python_encoding,
+                                                   *charsets.CODECS} if name),
     }
 
 
