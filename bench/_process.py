@@ -111,7 +111,7 @@ class ServerProcess:
             try:
                 if self.ready():
                     return
-            except (OSError, ValueError):   # not listening yet; ValueError: not JSON yet
+            except OSError:                 # not listening yet
                 pass
             if time.monotonic() > deadline:
                 raise BenchError(f"{self.name} not ready on port {self.port} within "

@@ -434,7 +434,10 @@ class Server(ServerProcess):
         """For Orthanc, its REST API answers first (objects are counted through it);
         then the DICOM port takes a connection."""
         if not self._http_ok:
-            self._http_ok = "Version" in http_get_json(f"http://{HOST}:{self.http_port}/system", 1)
+            try:
+                self._http_ok = "Version" in http_get_json(f"http://{HOST}:{self.http_port}/system", 1)
+            except ValueError:              # an answer, not JSON yet (URLError is an OSError)
+                return False
         return self._http_ok and super().ready()
 
     def flushes(self) -> int:
