@@ -23,11 +23,13 @@ median over the rounds, and the ratios of dicomagent to storescp and to Orthanc.
 
     python3 bench/store.py [--ct 300] [--small 2000] [--rounds 3] [--corpus DIR]
                            [--servers LIST] [--json FILE] [--quick] [--keep-logs DIR]
-                           [--against REV]
+                           [--against REV] [--against-python PATH]
 
 ``--against REV`` runs dicomagent as of another git revision beside each dicomagent slot
 chosen ("dicomagent-nofsync@REV", ...) and prints the ratio of the two: whether a change made
 storing faster, measured the way the figures above are (fresh servers, rounds rotated).
+``--against-python PATH`` does the same with this tree run by another Python interpreter
+(another build of the same version, say: it needs dicomagent's dependencies installed).
 
 Every run starts its server afresh on an empty storage directory and checks afterwards
 that the server holds every object of the workload (storescu exit 0 and the server's own
@@ -384,7 +386,8 @@ class Server(ServerProcess):
             + f"\n[storage]\nfsync = {'true' if self.spec['fsync'] else 'false'}\n"
             "min_free_mb = 1\non_duplicate = \"replace\"\n")
         env = with_tree(env, self.spec.get("tree", REPO))
-        return "DICOMAGENT", [sys.executable, "-m", "dicomagent", "serve", "--host", HOST,
+        python = self.spec.get("python", sys.executable)
+        return "DICOMAGENT", [python, "-m", "dicomagent", "serve", "--host", HOST,
                               "--port", str(self.port), "--data-dir", str(self.storage),
                               "-c", str(config)], env
 
@@ -847,6 +850,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--against", metavar="REV",
                    help="also run dicomagent as of git revision REV beside each dicomagent slot "
                         "chosen (slot@REV), with the ratio of the two: A/B of two trees")
+    p.add_argument("--against-python", metavar="PATH",
+                   help="also run each dicomagent slot chosen with the Python interpreter PATH "
+                        "(slot@python), with the ratio of the two: A/B of two interpreters")
     args = p.parse_args(argv)
     args.ct = args.ct if args.ct is not None else (60 if args.quick else 300)
     args.small = args.small if args.small is not None else (300 if args.quick else 2000)
@@ -858,6 +864,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown server or workload: {', '.join(unknown)}")
     if args.against:
         args.servers = add_revision_slots(args.servers, args.against)
+    if args.against_python:
+        if not os.access(args.against_python, os.X_OK):
+            p.error(f"--against-python: {args.against_python} is not an executable")
+        args.servers = add_twin_slots(args.servers, "python", python=args.against_python)
     sizes = {"ct": args.ct, "small": args.small}
     args.workloads = [w for w in args.workloads if sizes[w] > 0]
     if args.rounds < 1 or not args.workloads or not args.servers or args.ct < 0 or args.small < 0:
@@ -869,12 +879,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def add_revision_slots(servers: list[str], rev: str) -> list[str]:
     """--against: a slot "NAME@REV" after each dicomagent slot chosen, and its ratio."""
+    return add_twin_slots(servers, rev, rev=rev)
+
+
+def add_twin_slots(servers: list[str], name: str, **differences) -> list[str]:
+    """A slot "NAME@name" after each dicomagent slot chosen, its spec changed by
+    ``differences`` (``rev``: a git revision's tree; ``python``: an interpreter), and the
+    ratio of the two."""
     out = []
     for slot in servers:
         out.append(slot)
-        if SERVERS[slot]["kind"] == "dicomagent":
-            twin = f"{slot}@{rev}"
-            SERVERS[twin] = dict(SERVERS[slot], label=f"{SERVERS[slot]['label']} @{rev}", rev=rev)
+        if SERVERS[slot]["kind"] == "dicomagent" and "@" not in slot:
+            twin = f"{slot}@{name}"
+            SERVERS[twin] = dict(SERVERS[slot], label=f"{SERVERS[slot]['label']} @{name}",
+                                 **differences)
             RATIOS.append((slot, twin))
             out.append(twin)
     return out
