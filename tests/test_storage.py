@@ -1212,6 +1212,32 @@ def _one_series(count: int, patient_id: str) -> list[tuple[Dataset, bytes]]:
                      series_uid=series, number=n) for n in range(1, count + 1)]
 
 
+def test_fsync_off_index_rows_keep_each_files_size_and_crc32(tmp_path):
+    """With fsync off no file is sealed, so the indexer process reads each filed object
+    whole for its size and CRC-32 (``indexer.file_facts``): a data set shorter than the
+    head it reads first, and one of 2 MiB, read on in chunks. Each row must agree with its
+    file, byte for byte."""
+    import dicomagent.archive as archive_module
+
+    small = _encoded("ct", "explicit", patient_id="FACTS", number=1)
+    large_ds = make_dataset("ct", EXPLICIT_VR_LITTLE_ENDIAN, patient_id="FACTS",
+                            study_uid=small[0].StudyInstanceUID,
+                            series_uid=small[0].SeriesInstanceUID, number=2)
+    large_ds.Rows = large_ds.Columns = 1024
+    large_ds.PixelData = np.arange(1024 * 1024, dtype="<u2").tobytes()
+    large = (large_ds, encode(large_ds, EXPLICIT_VR_LITTLE_ENDIAN))
+    assert len(small[1]) < 64 * 1024 < (1 << 21) < len(large[1])
+    archive = archive_module.Archive(
+        tmp_path / "data", archive_module.StorageSettings(fsync=False, min_free_mb=1))
+    try:
+        assert [r.status for r in _store_in_process(archive, [small, large])] == [SUCCESS] * 2
+    finally:
+        archive.close()
+    rows = assert_archive_consistent(tmp_path / "data")
+    assert sorted(row["size"] for row in rows.values()) == sorted(
+        archive_path(tmp_path / "data", ds).stat().st_size for ds, _ in (small, large))
+
+
 def test_fsync_on_flushes_each_object_once_and_its_directories_in_batches(tmp_path,
                                                                          monkeypatch):
     """With fsync on, the response waits for one flush per object: the data set, its
