@@ -29,7 +29,7 @@ median over the rounds, and the ratios of dicomagent to storescp and to Orthanc.
 chosen ("dicomagent-nofsync@REV", ...) and prints the ratio of the two: whether a change made
 storing faster, measured the way the figures above are (fresh servers, rounds rotated).
 ``--against-python PATH`` does the same with this tree run by another Python interpreter
-(another build of the same version, say: it needs dicomagent's dependencies installed).
+(another build of Python 3.11, say: it needs dicomagent's dependencies installed).
 
 Every run starts its server afresh on an empty storage directory and checks afterwards
 that the server holds every object of the workload (storescu exit 0 and the server's own

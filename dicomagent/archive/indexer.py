@@ -142,7 +142,7 @@ def file_facts(path: str, data_offset: int, size: int = -1, crc: int = -1
     three system calls (open, read, close), where a buffered ``open`` adds a ``fstat``,
     an ``ioctl``, a ``lseek`` and a read that finds the end.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY)
     try:
         if crc >= 0:
             return os.pread(fd, HEAD_BYTES, data_offset), size, crc
