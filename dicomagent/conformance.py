@@ -34,7 +34,7 @@ import pydicom.charset
 from pydicom.uid import UID
 
 from dicomagent import __version__
-from dicomagent import charsets
+from dicomagent import charsets  # noqa: F401 - pydicom learns the Defined Terms it lacks
 from dicomagent import config as config_module
 from dicomagent.dimse import status as dimse_status
 from dicomagent.dimse.status import UNRECOGNIZED_OPERATION, StatusCategory, category
@@ -79,9 +79,8 @@ def statement(config: config_module.Config | None = None) -> dict:
         "general_statuses": [_status(s) for s in GENERAL_STATUSES],
         "general_statuses_module": dimse_status.__name__,
         "configuration": configuration_keys(),
-        # What pydicom decodes, with the Defined Terms it lacks (``charsets``) among them.
-        "character_sets": sorted(name for name in {*pydicom.charset.python_encoding,
-                                                   *charsets.CODECS} if name),
+        # What pydicom decodes: its table, with the terms ``charsets`` added to it on import.
+        "character_sets": sorted(name for name in pydicom.charset.python_encoding if name),
     }
 
 
